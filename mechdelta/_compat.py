@@ -1,0 +1,129 @@
+"""The compatibility contract between a reference and an intervened model.
+
+Checked before any patching: same architecture fields, same hook names and activation shapes, same
+tokenizer vocabulary, same weight processing, same dtype and device. Each violation raises its own
+typed error naming both values and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from mechdelta._loading import bridge_processing
+from mechdelta.errors import (
+    ArchitectureMismatchError,
+    DeviceMismatchError,
+    DtypeMismatchError,
+    HookMismatchError,
+    ProcessingMismatchError,
+    TokenizerMismatchError,
+)
+
+# Architecture fields that must agree for site-by-site comparison.
+ARCH_FIELDS = (
+    "architecture",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "n_key_value_heads",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "attn_only",
+    "positional_embedding_type",
+    "normalization_type",
+    "act_fn",
+    "gated_mlp",
+    "parallel_attn_mlp",
+)
+
+
+def arch_value(cfg: Any, name: str) -> Any:
+    value = getattr(cfg, name, None)
+    if name == "n_key_value_heads" and value is None:
+        return getattr(cfg, "n_heads", None)
+    if name == "d_mlp" and getattr(cfg, "attn_only", False):
+        return None
+    return value
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A content hash of a tokenizer's vocabulary and special tokens ('none' without one)."""
+    if tokenizer is None:
+        return "none"
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = getattr(tokenizer, "special_tokens_map", {}) or {}
+    payload = json.dumps({"vocab": vocab, "special": special}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def first_param(model: Any) -> torch.Tensor:
+    return next(iter(model.parameters()))
+
+
+def check_compatible(reference: Any, intervened: Any, *, check_activations: bool = True) -> None:
+    """Raise a specific IncompatibleModelsError subclass on the first violation found."""
+    for name in ARCH_FIELDS:
+        r, i = arch_value(reference.cfg, name), arch_value(intervened.cfg, name)
+        if r != i:
+            raise ArchitectureMismatchError(
+                f"architecture field {name!r} differs: reference={r!r}, intervened={i!r}. "
+                "mechdelta compares two checkpoints of one architecture; load a matching pair."
+            )
+    pr, pi = bridge_processing(reference), bridge_processing(intervened)
+    if pr is not pi:
+        raise ProcessingMismatchError(
+            f"weight processing differs: reference={pr.value!r}, intervened={pi.value!r}. "
+            "Load both with the same processing= (or call enable_compatibility_mode() on both)."
+        )
+    tr, ti = tokenizer_hash(reference.tokenizer), tokenizer_hash(intervened.tokenizer)
+    if tr != ti:
+        raise TokenizerMismatchError(
+            f"tokenizers differ: reference vocabulary hash {tr}, intervened {ti}. Token ids would "
+            "not mean the same thing; load both models with one tokenizer (tokenizer=...)."
+        )
+    p_r, p_i = first_param(reference), first_param(intervened)
+    if p_r.dtype != p_i.dtype:
+        raise DtypeMismatchError(
+            f"dtypes differ: reference={p_r.dtype}, intervened={p_i.dtype}. "
+            "Load both with the same dtype= (or call .to(dtype) on one of them)."
+        )
+    if p_r.device != p_i.device:
+        raise DeviceMismatchError(
+            f"devices differ: reference on {p_r.device}, intervened on {p_i.device}. "
+            "Load both with the same device= (or move one with .to(device))."
+        )
+    hr, hi = set(reference.hook_dict), set(intervened.hook_dict)
+    if hr != hi:
+        only_r = sorted(hr - hi)[:5]
+        only_i = sorted(hi - hr)[:5]
+        raise HookMismatchError(
+            f"hook names differ: only in reference {only_r}, only in intervened {only_i}. "
+            "Both models must be built by the same TransformerLens adapter."
+        )
+    if check_activations:
+        _check_activation_shapes(reference, intervened, p_r.device)
+
+
+@torch.no_grad()
+def _check_activation_shapes(reference: Any, intervened: Any, device: torch.device) -> None:
+    probe = torch.zeros((1, 2), dtype=torch.long, device=device)
+    _, cache_r = reference.run_with_cache(probe)
+    _, cache_i = intervened.run_with_cache(probe)
+    keys_r, keys_i = set(cache_r.keys()), set(cache_i.keys())
+    if keys_r != keys_i:
+        raise HookMismatchError(
+            f"hooks that fire differ: only in reference {sorted(keys_r - keys_i)[:5]}, "
+            f"only in intervened {sorted(keys_i - keys_r)[:5]}"
+        )
+    for key in sorted(keys_r):
+        sr, si = tuple(cache_r[key].shape), tuple(cache_i[key].shape)
+        if sr != si:
+            raise HookMismatchError(
+                f"activation shape at {key!r} differs: reference {sr}, intervened {si}"
+            )

@@ -1,0 +1,99 @@
+"""The exceptions mechdelta raises.
+
+Every error derives from :class:`MechDeltaError`, so ``except MechDeltaError`` catches anything
+this package raises on purpose. Messages say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class MechDeltaError(Exception):
+    """Base class of every error mechdelta raises on purpose."""
+
+
+# --- configuration and input -------------------------------------------------------------------
+
+
+class ConfigError(MechDeltaError, ValueError):
+    """A configuration value is invalid (raised from ``__post_init__`` of config dataclasses)."""
+
+
+class SiteError(MechDeltaError, ValueError):
+    """A site (component, layer, head, position, neuron) is malformed or out of range."""
+
+
+class TaskError(MechDeltaError, ValueError):
+    """A task's prompts, answers or corrupted prompts are invalid for the pair."""
+
+
+class MetricError(MechDeltaError, ValueError):
+    """A metric returned NaN/inf, the wrong shape, or is unknown."""
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+class ModelLoadError(MechDeltaError):
+    """A model could not be loaded from a hub name, a local directory or an in-memory model."""
+
+
+class MissingTokenizerError(ModelLoadError):
+    """A checkpoint has no usable tokenizer (a directory without tokenizer files loads empty)."""
+
+
+class MissingDependencyError(MechDeltaError, ImportError):
+    """An optional dependency (e.g. ``peft``) is needed for this call but is not installed."""
+
+
+# --- the pair contract ----------------------------------------------------------------------------
+
+
+class IncompatibleModelsError(MechDeltaError):
+    """The reference and intervened models cannot be compared site by site."""
+
+
+class ArchitectureMismatchError(IncompatibleModelsError):
+    """The two models differ in an architecture field (layers, widths, heads, vocab, ...)."""
+
+
+class HookMismatchError(IncompatibleModelsError):
+    """The two models expose different hook names or activation shapes."""
+
+
+class TokenizerMismatchError(IncompatibleModelsError):
+    """The two models use different tokenizers (their vocabularies hash differently)."""
+
+
+class ProcessingMismatchError(IncompatibleModelsError):
+    """One model was weight-processed (compatibility mode) and the other was not."""
+
+
+class DtypeMismatchError(IncompatibleModelsError):
+    """The two models hold their weights in different dtypes."""
+
+
+class DeviceMismatchError(IncompatibleModelsError):
+    """The two models live on different devices."""
+
+
+class IdenticalModelsError(IncompatibleModelsError):
+    """The two models have identical weights, so there is no shift to explain."""
+
+
+# --- patching and results -------------------------------------------------------------------------
+
+
+class PatchingError(MechDeltaError, RuntimeError):
+    """A patch did not behave as required (a hook did not fire, a patch changed nothing, ...)."""
+
+
+class ResultFormatError(MechDeltaError, ValueError):
+    """A stored result or run directory is missing, partial, corrupt or of another version."""
+
+
+class ZooError(MechDeltaError, ValueError):
+    """An unknown zoo entry, or a zoo checkpoint that is missing or does not match its card."""
+
+
+class ExportError(MechDeltaError, RuntimeError):
+    """A figure could not be exported (e.g. no browser for static PNG/SVG/PDF export)."""
