@@ -79,6 +79,13 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(table)}") from None
 
 
+def resolve_device(device: str | torch.device | None) -> str | torch.device:
+    """``None`` means the GPU when one is visible, else the CPU."""
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_tokenizer(tokenizer: Any, where: str) -> None:
     """Raise MissingTokenizerError when a bridge came up without a usable tokenizer."""
     if tokenizer is None:

@@ -22,6 +22,7 @@ from mechdelta._loading import (
     bridge_processing,
     load_bridge,
     merged_peft_model,
+    resolve_device,
     resolve_dtype,
 )
 from mechdelta.errors import IdenticalModelsError
@@ -91,7 +92,7 @@ class ModelPair:
         """
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
-        dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device(device)
         ref = load_bridge(reference, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
         itv = load_bridge(intervened, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
         return cls(
@@ -142,7 +143,7 @@ class ModelPair:
         """
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
-        dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device(device)
         merged = merged_peft_model(base, adapter, dt).to(dev)
         if tokenizer is None:
             from transformers import AutoTokenizer
