@@ -37,7 +37,7 @@ else
     fi
     say "installing $torch_req first, so the package's torch range is already met"
     # shellcheck disable=SC2086
-    quiet_pip install -q "$torch_req" ${MECHDELTA_TORCH_INDEX:-}
+    quiet_pip install -q "$torch_req" numpy ${MECHDELTA_TORCH_INDEX:-}
     say "installed torch $("$py" -c 'import torch; print(torch.__version__)')"
 fi
 
