@@ -1,0 +1,386 @@
+"""The cross-model patching engine behind :func:`~mechdelta.patch` and :func:`~mechdelta.sweep`.
+
+One engine holds a prepared task, both models' clean runs (metric per prompt, and the cached
+activations patches read), and runs *variants*: each variant is a set of sites spliced jointly
+from the source model into the target model. Variants are stacked along the batch (variant-major
+rows ``v * B_chunk + b``) up to ``batch_budget`` rows per forward, sorted by layer so each stacked
+pass starts at the earliest patched layer from the target's cached residual (prefix reuse, see
+:mod:`mechdelta._runner`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm import tqdm
+
+from mechdelta._runner import CacheHooks, Hook, ModelRunner
+from mechdelta.directions import Direction
+from mechdelta.errors import ConfigError, PatchingError
+from mechdelta.metrics import MetricInputs
+from mechdelta.sites import Component, ModelShape, Site
+from mechdelta.task import PreparedTask, Task
+
+__all__ = ["PatchEngine"]
+
+DEFAULT_BATCH_BUDGET = 64
+
+
+@dataclass
+class _ModelState:
+    name: str
+    runner: ModelRunner
+    cache: dict[str, Tensor] = field(default_factory=dict)
+    metric: Tensor | None = None  # [batch]
+    logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
+    probed: set[Component] = field(default_factory=set)
+    w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]
+
+
+def _start_layer(site: Site) -> int | None:
+    """The block a patched run may start at (None: the embedding, start from tokens)."""
+    return None if site.kind is Component.EMBED else site.layer
+
+
+class PatchEngine:
+    """Clean runs of both models plus batched patched runs; see the module docstring."""
+
+    def __init__(
+        self,
+        pair: Any,
+        task: Task,
+        *,
+        sites: Iterable[Site] = (),
+        batch_budget: int | None = None,
+        prefix_reuse: bool = True,
+        skip_identical: bool = True,
+        progress: bool | None = None,
+    ) -> None:
+        budget = DEFAULT_BATCH_BUDGET if batch_budget is None else batch_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConfigError(
+                f"batch_budget must be a positive int (rows per forward), not {budget}"
+            )
+        self.pair = pair
+        self.shape: ModelShape = pair.shape
+        self.budget = budget
+        self.progress = progress
+        self.device = pair.device
+        cfg = pair.cfg
+        self.prepared: PreparedTask = task.prepare(
+            pair.tokenizer, n_ctx=int(cfg.n_ctx), d_vocab=int(cfg.d_vocab)
+        )
+        self.tokens = self.prepared.tokens.to(self.device)
+        self.inputs: MetricInputs = self.prepared.inputs.to(self.device)
+        self.states = {
+            "reference": _ModelState("reference", ModelRunner(pair.reference, prefix_reuse)),
+            "intervened": _ModelState("intervened", ModelRunner(pair.intervened, prefix_reuse)),
+        }
+        self._cached_names: set[str] = set()
+        self._deltas: dict[tuple[str, Site], float] = {}
+        self.skip_identical = skip_identical
+        self.last_run_variants = 0
+        self.prefix_reuse = prefix_reuse
+        self.clean_run(sites)
+
+    # --- clean runs ----------------------------------------------------------------------------
+
+    def clean_run(self, sites: Iterable[Site] = ()) -> None:
+        """Run both models once, caching what the given sites read (again only if new names)."""
+        names = {f"blocks.{layer}.hook_resid_pre" for layer in range(self.shape.n_layers)}
+        for site in sites:
+            site.validate(self.shape, self.prepared.seq_len)
+            names.add(site.read_hook_name)
+            names.add(site.hook_name)
+        if names <= self._cached_names and self.states["reference"].metric is not None:
+            return
+        names |= self._cached_names
+        metric = self.prepared.metric
+        for key in ("reference", "intervened"):
+            state = self.states[key]
+            state.runner.record_block_convention(self.tokens)
+            cacher = CacheHooks(sorted(names))
+            logits = state.runner.logits_at(
+                self.inputs.positions, tokens=self.tokens, hooks=cacher.hooks()
+            )
+            cacher.check()
+            state.cache = cacher.store
+            state.logits = logits
+        if metric.needs_reference:
+            ref = self.states["reference"].logits
+            assert ref is not None
+            self.inputs = self.inputs.with_reference(ref.float().log_softmax(-1))
+        for state in self.states.values():
+            assert state.logits is not None
+            state.metric = metric(state.logits, self.inputs).cpu()
+        self._cached_names = names
+        if self.prefix_reuse:
+            self._check_prefix_reuse()
+
+    def _check_prefix_reuse(self) -> None:
+        """Starting mid-stack from the cached residual must reproduce the clean metric."""
+        layer = self.shape.n_layers - 1
+        for state in self.states.values():
+            rows = slice(0, min(2, self.prepared.batch_size))
+            resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
+            got = state.runner.logits_at(
+                self.inputs.positions[rows], resid=resid, start_layer=layer
+            )
+            want = state.logits
+            assert want is not None
+            diff = (got - want[rows]).abs().max().item()
+            if diff > 1e-4 * max(1.0, want.abs().max().item()):
+                raise PatchingError(
+                    f"prefix reuse does not reproduce the {state.name} model's clean run "
+                    f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
+                )
+
+    def metric_of(self, which: str) -> Float[Tensor, " batch"]:
+        m = self.states[which].metric
+        assert m is not None
+        return m
+
+    # --- patched runs --------------------------------------------------------------------------
+
+    def run(
+        self, direction: Direction, variants: Sequence[Sequence[Site]], desc: str = "patching"
+    ) -> Float[Tensor, "variant batch"]:
+        """Metric per prompt for each variant (a set of sites spliced jointly)."""
+        if direction is Direction.BOTH:
+            raise PatchingError("run() takes one direction; call it once per direction")
+        src = self.states[direction.source]
+        tgt = self.states[direction.target]
+        flat = {s for v in variants for s in v}
+        self.clean_run(flat)
+        if flat:
+            self._check_effective(tgt, {s.kind for s in flat})
+        batch = self.prepared.batch_size
+        chunk_b = min(batch, self.budget)
+        per_v = max(1, self.budget // chunk_b)
+        out = self.metric_of(direction.target).repeat(len(variants), 1)
+        # A variant whose every site holds bitwise-equal activations in both models is a no-op:
+        # its patched run *is* the target's clean run, so it is not run at all (exact, and free).
+        live = [
+            i
+            for i, v in enumerate(variants)
+            if self.skip_identical is False or any(self.site_delta(direction, s) > 0 for s in v)
+        ]
+        order = sorted(live, key=lambda i: self._variant_start(variants[i]))
+        jobs = [
+            (slice(b0, min(b0 + chunk_b, batch)), order[v0 : v0 + per_v])
+            for b0 in range(0, batch, chunk_b)
+            for v0 in range(0, len(order), per_v)
+        ]
+        self.last_run_variants = len(order)
+        for rows, chunk in tqdm(jobs, desc=desc, disable=self._quiet(len(jobs)), leave=False):
+            values = self._run_chunk(src, tgt, rows, [variants[i] for i in chunk])
+            out[chunk, rows] = values.cpu()
+        return out
+
+    def site_delta(self, direction: Direction, site: Site) -> float:
+        """Norm of (source - target) clean activation at the site, over all prompts.
+
+        For ``head_out`` it is the difference of the head's own writes ``z_h @ W_O[h]``.
+        """
+        key = (direction.source, site)
+        if key in self._deltas:
+            return self._deltas[key]
+        src = self.states[direction.source]
+        tgt = self.states[direction.target]
+        self.clean_run([site])
+        if site.kind is Component.HEAD_OUT:
+            assert site.head is not None
+            pos = site.index(self.shape)[1]
+            every = slice(0, self.prepared.batch_size)
+            a = self._head_write(src, site.layer, site.head, every, pos)
+            b = self._head_write(tgt, site.layer, site.head, every, pos)
+        else:
+            idx = site.index(self.shape)
+            a = src.cache[site.read_hook_name][idx]
+            b = tgt.cache[site.read_hook_name][idx]
+        value = float((a.float() - b.float()).norm())
+        self._deltas[key] = value
+        self._deltas[(direction.target, site)] = value
+        return value
+
+    def _quiet(self, n_jobs: int) -> bool | None:
+        if self.progress is None:
+            return None if n_jobs > 4 else True
+        return not self.progress
+
+    def _variant_start(self, variant: Sequence[Site]) -> int:
+        starts = [_start_layer(s) for s in variant]
+        if not starts or any(s is None for s in starts):
+            return -1
+        return min(s for s in starts if s is not None)
+
+    def _run_chunk(
+        self,
+        src: _ModelState,
+        tgt: _ModelState,
+        rows: slice,
+        variants: list[Sequence[Site]],
+    ) -> Float[Tensor, "variant batch"]:
+        n_v = len(variants)
+        n_b = rows.stop - rows.start
+        start = min(self._variant_start(v) for v in variants)
+        hooks, fired, expected = self._build_hooks(src, tgt, rows, variants)
+        positions = self.inputs.positions[rows].repeat(n_v, 1)
+        runner = tgt.runner
+        if start < 0:
+            logits = runner.logits_at(
+                positions, tokens=self.tokens[rows].repeat(n_v, 1), hooks=hooks
+            )
+        else:
+            resid = tgt.cache[f"blocks.{start}.hook_resid_pre"][rows]
+            resid = resid.repeat(n_v, 1, 1)
+            logits = runner.logits_at(positions, resid=resid, start_layer=start, hooks=hooks)
+        missing = expected - fired
+        if missing:
+            raise PatchingError(
+                f"hooks {sorted(missing)} never fired in the {tgt.name} model's patched run: the "
+                "bridge does not route this activation through its hook"
+            )
+        inputs = self.inputs.select(rows).repeat(n_v)
+        values = self.prepared.metric(logits, inputs)
+        return values.reshape(n_v, n_b)
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _build_hooks(
+        self, src: _ModelState, tgt: _ModelState, rows: slice, variants: list[Sequence[Site]]
+    ) -> tuple[list[Hook], set[str], set[str]]:
+        n_b = rows.stop - rows.start
+        writes: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
+        head_out: dict[int, list[tuple[slice, Any, int, Tensor]]] = defaultdict(list)
+        for v, variant in enumerate(variants):
+            vrows = slice(v * n_b, (v + 1) * n_b)
+            for site in variant:
+                idx = site.index(self.shape)
+                pos = idx[1] if site.kind is not Component.HEAD_PATTERN else idx[2]
+                if site.kind is Component.HEAD_OUT:
+                    assert site.head is not None
+                    c_src = self._head_write(src, site.layer, site.head, rows, pos)
+                    head_out[site.layer].append((vrows, pos, site.head, c_src))
+                else:
+                    value = src.cache[site.read_hook_name][rows][idx]
+                    writes[site.hook_name].append(((vrows, *idx[1:]), value))
+        fired: set[str] = set()
+        hooks: list[Hook] = []
+        for name, ops in writes.items():
+            hooks.append((name, _writer(name, ops, fired)))
+        for layer, hops in head_out.items():
+            z_name = f"blocks.{layer}.attn.hook_z"
+            live: dict[str, Tensor] = {}
+            w_tgt = self._w_o(tgt, layer)
+            out_name = f"blocks.{layer}.hook_attn_out"
+            hooks.append((z_name, _capture(z_name, live, fired)))
+            hooks.append((out_name, _head_out_writer(out_name, hops, live, w_tgt, fired)))
+        expected = {name for name, _ in hooks}
+        return hooks, fired, expected
+
+    def _head_write(
+        self, state: _ModelState, layer: int, head: int, rows: slice, pos: Any
+    ) -> Tensor:
+        z = state.cache[f"blocks.{layer}.attn.hook_z"][rows][:, pos, head, :]
+        return z @ self._w_o(state, layer)[head]
+
+    def _w_o(self, state: _ModelState, layer: int) -> Float[Tensor, "head d_head d_model"]:
+        """Each head's slice of the output projection, read off the module (any weight layout)."""
+        if layer in state.w_o:
+            return state.w_o[layer]
+        model = state.runner.model
+        o = model.blocks[layer].attn.o
+        width = self.shape.n_heads * int(model.cfg.d_head)
+        with torch.no_grad():
+            eye = torch.eye(width, device=self.device, dtype=self.pair.dtype)
+            w = o(eye) - o(torch.zeros(1, width, device=self.device, dtype=self.pair.dtype))
+        w = w.reshape(self.shape.n_heads, width // self.shape.n_heads, -1)
+        z = state.cache.get(f"blocks.{layer}.attn.hook_z")
+        out = state.cache.get(f"blocks.{layer}.hook_attn_out")
+        if z is not None and out is not None:
+            with torch.no_grad():
+                bias = o(torch.zeros(1, width, device=self.device, dtype=self.pair.dtype))
+                recon = torch.einsum("bphd,hdm->bpm", z, w) + bias
+            err = (recon - out).abs().max().item()
+            scale = out.abs().max().item() + 1e-6
+            if err > 1e-4 * max(1.0, scale):
+                raise PatchingError(
+                    f"layer {layer}'s attention output is not z @ W_O + b_O (max error {err:.3g}) "
+                    "in this architecture, so a head's own write is undefined: use head_z instead"
+                )
+        state.w_o[layer] = w
+        return w
+
+    def _check_effective(self, state: _ModelState, kinds: set[Component]) -> None:
+        """Writing noise into each patched hook kind must change the output (else a bridge
+        discards the edit, e.g. hooks fired after the HF module consumed the value)."""
+        layer = self.shape.n_layers - 1
+        rows = slice(0, 1)
+        base = self.inputs.positions[rows]
+        for kind in kinds - state.probed:
+            site = Site(
+                kind,
+                0 if kind is Component.EMBED else layer,
+                head=0 if kind.per_head else None,
+                neuron=0 if kind is Component.MLP_NEURON else None,
+            )
+            clean = state.logits
+            assert clean is not None
+
+            def noise(x: Tensor, hook: Any) -> Tensor:
+                return x + torch.randn_like(x) + 1.0
+
+            got = state.runner.logits_at(
+                base, tokens=self.tokens[rows], hooks=[(site.hook_name, noise)]
+            )
+            if torch.equal(got, clean[rows]):
+                raise PatchingError(
+                    f"writing to {site.hook_name} does not change the {state.name} model's output: "
+                    f"this bridge discards edits to {kind.value!r}, so it cannot be patched"
+                )
+            state.probed.add(kind)
+
+
+def _writer(name: str, ops: list[tuple[tuple[Any, ...], Tensor]], fired: set[str]) -> Any:
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        x = x.clone()
+        for index, value in ops:
+            x[index] = value.to(x.dtype)
+        fired.add(name)
+        return x
+
+    return hook
+
+
+def _capture(name: str, live: dict[str, Tensor], fired: set[str]) -> Any:
+    def hook(x: Tensor, hook: Any) -> None:
+        live["z"] = x
+        fired.add(name)
+
+    return hook
+
+
+def _head_out_writer(
+    name: str,
+    ops: list[tuple[slice, Any, int, Tensor]],
+    live: dict[str, Tensor],
+    w: Tensor,
+    fired: set[str],
+) -> Any:
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        z = live.pop("z")
+        x = x.clone()
+        for vrows, pos, head, c_src in ops:
+            c_tgt = z[vrows][:, pos, head, :] @ w[head]
+            x[vrows, pos] = x[vrows, pos] + (c_src - c_tgt).to(x.dtype)
+        fired.add(name)
+        return x
+
+    return hook
