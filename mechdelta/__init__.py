@@ -6,6 +6,7 @@ patching activations across the two models. This module is the public API.
 
 from mechdelta._loading import Processing
 from mechdelta._version import __version__
+from mechdelta.directions import Direction
 from mechdelta.errors import (
     ArchitectureMismatchError,
     ConfigError,
@@ -28,37 +29,67 @@ from mechdelta.errors import (
     TokenizerMismatchError,
     ZooError,
 )
+from mechdelta.metrics import Metric, MetricInputs
 from mechdelta.pair import ModelPair
+from mechdelta.patching import patch
+from mechdelta.results import BothDirections, PatchResult, SiteScore, SweepResult
+from mechdelta.shift import (
+    FactorialResult,
+    ShiftNotSignificantWarning,
+    ShiftResult,
+    factorial,
+    measure_shift,
+)
 from mechdelta.sites import Component, ModelShape, Site
+from mechdelta.stats import Bootstrap
+from mechdelta.sweeps import sweep
+from mechdelta.task import PreparedTask, Task
 from mechdelta.weights import WeightDiff, WeightDiffRow
 
 __all__ = [
     "ArchitectureMismatchError",
+    "Bootstrap",
+    "BothDirections",
     "Component",
     "ConfigError",
     "DeviceMismatchError",
+    "Direction",
     "DtypeMismatchError",
     "ExportError",
+    "FactorialResult",
     "HookMismatchError",
     "IdenticalModelsError",
     "IncompatibleModelsError",
     "MechDeltaError",
+    "Metric",
     "MetricError",
+    "MetricInputs",
     "MissingDependencyError",
     "MissingTokenizerError",
     "ModelLoadError",
     "ModelPair",
     "ModelShape",
+    "PatchResult",
     "PatchingError",
+    "PreparedTask",
     "Processing",
     "ProcessingMismatchError",
     "ResultFormatError",
+    "ShiftNotSignificantWarning",
+    "ShiftResult",
     "Site",
     "SiteError",
+    "SiteScore",
+    "SweepResult",
+    "Task",
     "TaskError",
     "TokenizerMismatchError",
     "WeightDiff",
     "WeightDiffRow",
     "ZooError",
     "__version__",
+    "factorial",
+    "measure_shift",
+    "patch",
+    "sweep",
 ]

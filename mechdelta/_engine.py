@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mechdelta._runner import CacheHooks, Hook, ModelRunner
 from mechdelta.directions import Direction
-from mechdelta.errors import ConfigError, PatchingError
+from mechdelta.errors import ConfigError, PatchingError, SiteError
 from mechdelta.metrics import MetricInputs
 from mechdelta.sites import Component, ModelShape, Site
 from mechdelta.task import PreparedTask, Task
@@ -100,6 +100,14 @@ class PatchEngine:
             names.add(site.hook_name)
         if names <= self._cached_names and self.states["reference"].metric is not None:
             return
+        for key in ("reference", "intervened"):
+            known = self.states[key].runner.model.hook_dict
+            absent = sorted(n for n in names if n not in known)
+            if absent:
+                raise SiteError(
+                    f"the {key} model has no hook {absent[0]!r}: this architecture does not "
+                    "expose that activation (e.g. parallel attention/MLP blocks have no resid_mid)"
+                )
         names |= self._cached_names
         metric = self.prepared.metric
         for key in ("reference", "intervened"):
@@ -140,6 +148,23 @@ class PatchEngine:
                     f"prefix reuse does not reproduce the {state.name} model's clean run "
                     f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
                 )
+
+    def provenance(self) -> dict[str, Any]:
+        """Where a result came from: environment, both models' hashes, the prompts' hash."""
+        from mechdelta.provenance import environment
+
+        return {
+            **environment(),
+            "models": self.pair.provenance_models(),
+            "task": {
+                "name": self.prepared.task.name,
+                "metric": self.prepared.metric.name,
+                "n_prompts": self.prepared.batch_size,
+                "seq_len": self.prepared.seq_len,
+                "prompt_hash": self.prepared.prompt_hash(),
+            },
+            "engine": {"batch_budget": self.budget, "prefix_reuse": self.prefix_reuse},
+        }
 
     def metric_of(self, which: str) -> Float[Tensor, " batch"]:
         m = self.states[which].metric

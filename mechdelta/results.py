@@ -1,0 +1,362 @@
+"""Patching results: one joint patch, a sweep over a grid of sites, and both directions.
+
+Results are plain data (tensors + metadata) with ``.to_dataframe()``, ``.figure()`` (plotly, from
+:mod:`mechdelta.plotting`), ``.save()`` / ``.load()`` (safetensors + JSON, never pickle) and the
+provenance of the run. Grids are row-major over ``dims``; ``coords[dim]`` holds each axis' values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechdelta._io import atomic_write_json, load_result, save_result
+from mechdelta.directions import Direction
+from mechdelta.errors import ResultFormatError
+from mechdelta.shift import ShiftResult
+from mechdelta.sites import Component, Site
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+__all__ = ["BothDirections", "PatchResult", "SiteScore", "SweepResult"]
+
+
+def fraction_explained(direction: Direction, shift: ShiftResult, patched: Tensor) -> Tensor:
+    """Score of patched means: the fraction of the shift the patch explains (NaN if no shift)."""
+    m_r, m_i = shift.reference_mean, shift.intervened_mean
+    denom = m_i - m_r
+    if denom == 0:
+        return torch.full_like(patched, float("nan"))
+    if direction.toward_reference:
+        return (m_i - patched.double()) / denom
+    return (patched.double() - m_r) / denom
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One row of :meth:`SweepResult.top`."""
+
+    site: Site
+    score: float
+    ci: tuple[float, float]
+    patched: float
+
+    def __repr__(self) -> str:
+        return (
+            f"SiteScore({self.site}, score={self.score:+.4g}, "
+            f"ci=[{self.ci[0]:+.4g}, {self.ci[1]:+.4g}], patched={self.patched:.4g})"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.site!s:>16}  score {self.score:+.3f}  [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
+
+
+@dataclass(frozen=True, eq=False)
+class PatchResult:
+    """A joint patch of ``sites`` in one ``direction``: the patched metric per prompt and score."""
+
+    sites: tuple[Site, ...]
+    direction: Direction
+    per_prompt: Float[Tensor, " batch"]
+    ci: tuple[float, float]
+    shift: ShiftResult
+    activation_delta: tuple[float, ...] = ()
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patched(self) -> float:
+        return float(self.per_prompt.double().mean())
+
+    @property
+    def score(self) -> float:
+        return float(fraction_explained(self.direction, self.shift, torch.tensor(self.patched)))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "prompt": range(len(self.per_prompt)),
+                "reference": self.shift.reference.tolist(),
+                "intervened": self.shift.intervened.tolist(),
+                "patched": self.per_prompt.tolist(),
+            }
+        )
+
+    def figure(self) -> go.Figure:
+        from mechdelta.plotting import patch_figure
+
+        return patch_figure(self)
+
+    def __str__(self) -> str:
+        names = ", ".join(str(s) for s in self.sites) or "(no sites)"
+        return (
+            f"patch {self.direction.value} of {names}: {self.shift.metric} "
+            f"{self.patched:.4g} (reference {self.shift.reference_mean:.4g}, intervened "
+            f"{self.shift.intervened_mean:.4g}); score {self.score:+.3f} "
+            f"[{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        tensors = {"patched": self.per_prompt, **self.shift._tensors("shift.")}
+        meta = {
+            "sites": [str(s) for s in self.sites],
+            "direction": self.direction.value,
+            "ci": list(self.ci),
+            "activation_delta": list(self.activation_delta),
+            "shift": self.shift._meta(),
+            "provenance": self.provenance,
+            "tensor_keys": sorted(tensors),
+        }
+        save_result(path, "patch", meta, tensors)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PatchResult:
+        meta, tensors = load_result(path, "patch")
+        return cls(
+            sites=tuple(Site.parse(s) for s in meta["sites"]),
+            direction=Direction(meta["direction"]),
+            per_prompt=tensors["patched"],
+            ci=(float(meta["ci"][0]), float(meta["ci"][1])),
+            shift=ShiftResult._from(meta["shift"], tensors, "shift."),
+            activation_delta=tuple(meta.get("activation_delta", ())),
+            provenance=meta.get("provenance", {}),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SweepResult:
+    """One patch per site over a grid (``dims``), in one direction.
+
+    ``per_prompt`` has shape ``grid + (batch,)``, ``ci`` ``grid + (2,)``; :attr:`patched` and
+    :attr:`scores` have the grid's shape. ``tokens`` labels the position axis (prompt 0).
+    """
+
+    component: Component
+    direction: Direction
+    dims: tuple[str, ...]
+    coords: dict[str, tuple[int, ...]]
+    per_prompt: Float[Tensor, "*grid batch"]
+    ci: Float[Tensor, "*grid 2"]
+    shift: ShiftResult
+    activation_delta: Float[Tensor, "*grid"] | None = None
+    tokens: tuple[str, ...] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        grid = tuple(len(self.coords[d]) for d in self.dims)
+        if tuple(self.per_prompt.shape[:-1]) != grid or tuple(self.ci.shape) != (*grid, 2):
+            raise ResultFormatError(
+                f"sweep arrays do not match the grid {dict(zip(self.dims, grid, strict=True))}: "
+                f"per_prompt {tuple(self.per_prompt.shape)}, ci {tuple(self.ci.shape)}"
+            )
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(self.coords[d]) for d in self.dims)
+
+    @property
+    def patched(self) -> Float[Tensor, "*grid"]:
+        """Mean patched metric per site."""
+        return self.per_prompt.double().mean(-1).float()
+
+    @property
+    def scores(self) -> Float[Tensor, "*grid"]:
+        """Fraction of the shift explained per site (see :class:`~mechdelta.Direction`)."""
+        return fraction_explained(self.direction, self.shift, self.patched).float()
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every site of the grid, row-major over ``dims``."""
+        return [self._site(dict(zip(self.dims, vals, strict=True))) for vals in self._coord_rows()]
+
+    def _coord_rows(self) -> Iterator[tuple[int, ...]]:
+        return itertools.product(*(self.coords[d] for d in self.dims))
+
+    def _site(self, at: dict[str, int]) -> Site:
+        return Site(
+            self.component,
+            at.get("layer", 0),
+            head=at.get("head"),
+            position=at.get("position"),
+            neuron=at.get("neuron"),
+        )
+
+    def top(self, k: int = 10, *, by: str = "abs") -> list[SiteScore]:
+        """The ``k`` sites with the largest score (``by="abs"``: largest magnitude)."""
+        flat = self.scores.flatten()
+        key = flat.abs() if by == "abs" else flat
+        key = torch.nan_to_num(key, nan=-float("inf"))
+        order = torch.argsort(key, descending=True, stable=True)[:k].tolist()
+        sites, ci, patched = self.sites, self.ci.reshape(-1, 2), self.patched.flatten()
+        return [
+            SiteScore(
+                sites[i], float(flat[i]), (float(ci[i, 0]), float(ci[i, 1])), float(patched[i])
+            )
+            for i in order
+        ]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        import pandas as pd
+
+        ci = self.ci.reshape(-1, 2)
+        delta = None if self.activation_delta is None else self.activation_delta.flatten()
+        rows = []
+        for i, (site, score, patched) in enumerate(
+            zip(
+                self.sites,
+                self.scores.flatten().tolist(),
+                self.patched.flatten().tolist(),
+                strict=True,
+            )
+        ):
+            rows.append(
+                {
+                    "site": str(site),
+                    "component": site.kind.value,
+                    "layer": site.layer,
+                    "head": site.head,
+                    "position": site.position,
+                    "neuron": site.neuron,
+                    "direction": self.direction.value,
+                    "score": score,
+                    "ci_low": float(ci[i, 0]),
+                    "ci_high": float(ci[i, 1]),
+                    "patched": patched,
+                    "activation_delta": None if delta is None else float(delta[i]),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def figure(self) -> go.Figure:
+        from mechdelta.plotting import sweep_figure
+
+        return sweep_figure(self)
+
+    def __str__(self) -> str:
+        grid = " x ".join(f"{d} {len(self.coords[d])}" for d in self.dims)
+        best = "\n".join(f"  {row}" for row in self.top(5))
+        return (
+            f"sweep {self.component.value} {self.direction.value} over {grid}\n"
+            f"  {self.shift}\n{best}"
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        tensors = {"per_prompt": self.per_prompt, "ci": self.ci, **self.shift._tensors("shift.")}
+        if self.activation_delta is not None:
+            tensors["activation_delta"] = self.activation_delta
+        meta = {
+            "component": self.component.value,
+            "direction": self.direction.value,
+            "dims": list(self.dims),
+            "coords": {k: list(v) for k, v in self.coords.items()},
+            "tokens": None if self.tokens is None else list(self.tokens),
+            "shift": self.shift._meta(),
+            "provenance": self.provenance,
+            "tensor_keys": sorted(tensors),
+        }
+        save_result(path, "sweep", meta, tensors)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SweepResult:
+        meta, tensors = load_result(path, "sweep")
+        try:
+            return cls(
+                component=Component(meta["component"]),
+                direction=Direction(meta["direction"]),
+                dims=tuple(meta["dims"]),
+                coords={k: tuple(v) for k, v in meta["coords"].items()},
+                per_prompt=tensors["per_prompt"],
+                ci=tensors["ci"],
+                shift=ShiftResult._from(meta["shift"], tensors, "shift."),
+                activation_delta=tensors.get("activation_delta"),
+                tokens=None if meta.get("tokens") is None else tuple(meta["tokens"]),
+                provenance=meta.get("provenance", {}),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid sweep result: {exc}"
+            ) from exc
+
+
+R = TypeVar("R", PatchResult, SweepResult)
+
+
+@dataclass(frozen=True, eq=False)
+class BothDirections(Generic[R]):
+    """The same analysis in both directions (``direction="both"``)."""
+
+    reference_to_intervened: R
+    intervened_to_reference: R
+
+    def __getitem__(self, direction: Direction | str) -> R:
+        d = Direction.coerce(direction)
+        if d is Direction.REFERENCE_TO_INTERVENED:
+            return self.reference_to_intervened
+        if d is Direction.INTERVENED_TO_REFERENCE:
+            return self.intervened_to_reference
+        raise KeyError("index with one direction, not 'both'")
+
+    def __iter__(self) -> Iterator[R]:
+        yield self.reference_to_intervened
+        yield self.intervened_to_reference
+
+    @property
+    def shift(self) -> ShiftResult:
+        return self.reference_to_intervened.shift
+
+    def to_dataframe(self) -> pd.DataFrame:
+        import pandas as pd
+
+        frames = []
+        for r in self:
+            df = r.to_dataframe()
+            if "direction" not in df:
+                df.insert(0, "direction", r.direction.value)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+    def figure(self) -> go.Figure:
+        from mechdelta.plotting import both_directions_figure
+
+        return both_directions_figure(self)
+
+    def __str__(self) -> str:
+        return f"{self.reference_to_intervened}\n{self.intervened_to_reference}"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        out = Path(path)
+        kinds = set()
+        for r in self:
+            r.save(out / r.direction.value.replace("->", "_to_"))
+            kinds.add(type(r).__name__)
+        atomic_write_json(out / "both.json", {"kind": "both", "result": kinds.pop()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BothDirections[Any]:
+        src = Path(path)
+        marker = src / "both.json"
+        if not marker.is_file():
+            raise ResultFormatError(
+                f"{os.fspath(src)!r} holds no both.json: not a two-direction result"
+            )
+        import json
+
+        kind = json.loads(marker.read_text("utf-8")).get("result")
+        loader: Any = {"SweepResult": SweepResult, "PatchResult": PatchResult}.get(kind)
+        if loader is None:
+            raise ResultFormatError(f"{os.fspath(marker)!r} names an unknown result kind {kind!r}")
+        return cls(
+            loader.load(src / "reference_to_intervened"),
+            loader.load(src / "intervened_to_reference"),
+        )
