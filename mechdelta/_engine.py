@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from mechdelta._runner import CacheHooks, Hook, ModelRunner
+from mechdelta._runner import CacheHooks, Hook, ModelRunner, prefix_cache
 from mechdelta.directions import Direction
 from mechdelta.errors import ConfigError, PatchingError, SiteError
 from mechdelta.metrics import MetricInputs
@@ -40,6 +40,7 @@ class _ModelState:
     metric: Tensor | None = None  # [batch]
     logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
     probed: set[Component] = field(default_factory=set)
+    kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values per layer (HF models)
     w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]
 
 
@@ -132,22 +133,34 @@ class PatchEngine:
             self._check_prefix_reuse()
 
     def _check_prefix_reuse(self) -> None:
-        """Starting mid-stack from the cached residual must reproduce the clean metric."""
+        """Starting mid-stack from the cached residual must reproduce the clean run; so must
+        starting mid-sequence from the clean KV cache (else position reuse is switched off)."""
         layer = self.shape.n_layers - 1
+        rows = slice(0, min(2, self.prepared.batch_size))
+        positions = self.inputs.positions[rows]
+        p0 = int(positions.min())
         for state in self.states.values():
-            rows = slice(0, min(2, self.prepared.batch_size))
-            resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
-            got = state.runner.logits_at(
-                self.inputs.positions[rows], resid=resid, start_layer=layer
-            )
             want = state.logits
             assert want is not None
+            tol = 1e-4 * max(1.0, want.abs().max().item())
+            resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
+            got = state.runner.logits_at(positions, resid=resid, start_layer=layer)
             diff = (got - want[rows]).abs().max().item()
-            if diff > 1e-4 * max(1.0, want.abs().max().item()):
+            if diff > tol:
                 raise PatchingError(
                     f"prefix reuse does not reproduce the {state.name} model's clean run "
                     f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
                 )
+            state.kv = state.runner.key_values(self.tokens) if p0 > 0 else None
+            if state.kv is not None:
+                got = state.runner.logits_at(
+                    positions - p0,
+                    resid=resid[:, p0:],
+                    start_layer=layer,
+                    past_key_values=prefix_cache(state.kv, rows, p0, 1),
+                )
+                if (got - want[rows]).abs().max().item() > tol:
+                    state.kv = None
 
     def provenance(self) -> dict[str, Any]:
         """Where a result came from: environment, both models' hashes, the prompts' hash."""
@@ -163,7 +176,11 @@ class PatchEngine:
                 "seq_len": self.prepared.seq_len,
                 "prompt_hash": self.prepared.prompt_hash(),
             },
-            "engine": {"batch_budget": self.budget, "prefix_reuse": self.prefix_reuse},
+            "engine": {
+                "batch_budget": self.budget,
+                "prefix_reuse": self.prefix_reuse,
+                "position_reuse": {k: v.kv is not None for k, v in self.states.items()},
+            },
         }
 
     def metric_of(self, which: str) -> Float[Tensor, " batch"]:
@@ -196,7 +213,7 @@ class PatchEngine:
             for i, v in enumerate(variants)
             if self.skip_identical is False or any(self.site_delta(direction, s) > 0 for s in v)
         ]
-        order = sorted(live, key=lambda i: self._variant_start(variants[i]))
+        order = sorted(live, key=lambda i: self._variant_key(variants[i]))
         jobs = [
             (slice(b0, min(b0 + chunk_b, batch)), order[v0 : v0 + per_v])
             for b0 in range(0, batch, chunk_b)
@@ -239,6 +256,13 @@ class PatchEngine:
             return None if n_jobs > 4 else True
         return not self.progress
 
+    def _variant_key(self, variant: Sequence[Site]) -> tuple[int, int]:
+        positions = [s.position for s in variant]
+        first = (
+            -1 if any(p is None for p in positions) else min(p for p in positions if p is not None)
+        )
+        return self._variant_start(variant), first
+
     def _variant_start(self, variant: Sequence[Site]) -> int:
         starts = [_start_layer(s) for s in variant]
         if not starts or any(s is None for s in starts):
@@ -255,17 +279,26 @@ class PatchEngine:
         n_v = len(variants)
         n_b = rows.stop - rows.start
         start = min(self._variant_start(v) for v in variants)
-        hooks, fired, expected = self._build_hooks(src, tgt, rows, variants)
         positions = self.inputs.positions[rows].repeat(n_v, 1)
+        # Position reuse: positions before the earliest patched (and read) one are unchanged in
+        # every layer, so the run covers positions p0.. only, with the clean KV cache for < p0.
+        p0 = 0
+        if start >= 0 and tgt.kv is not None:
+            first = min(self._variant_key(v)[1] for v in variants)
+            p0 = max(0, min(first, int(positions.min())))
+        hooks, fired, expected = self._build_hooks(src, tgt, rows, variants, p0)
         runner = tgt.runner
         if start < 0:
             logits = runner.logits_at(
                 positions, tokens=self.tokens[rows].repeat(n_v, 1), hooks=hooks
             )
         else:
-            resid = tgt.cache[f"blocks.{start}.hook_resid_pre"][rows]
+            resid = tgt.cache[f"blocks.{start}.hook_resid_pre"][rows, p0:]
             resid = resid.repeat(n_v, 1, 1)
-            logits = runner.logits_at(positions, resid=resid, start_layer=start, hooks=hooks)
+            past = None if p0 == 0 or tgt.kv is None else prefix_cache(tgt.kv, rows, p0, n_v)
+            logits = runner.logits_at(
+                positions - p0, resid=resid, start_layer=start, hooks=hooks, past_key_values=past
+            )
         missing = expected - fired
         if missing:
             raise PatchingError(
@@ -279,8 +312,15 @@ class PatchEngine:
     # --- hooks ---------------------------------------------------------------------------------
 
     def _build_hooks(
-        self, src: _ModelState, tgt: _ModelState, rows: slice, variants: list[Sequence[Site]]
+        self,
+        src: _ModelState,
+        tgt: _ModelState,
+        rows: slice,
+        variants: list[Sequence[Site]],
+        p0: int = 0,
     ) -> tuple[list[Hook], set[str], set[str]]:
+        """Hooks writing each variant's source values into its rows; the run's position axis
+        starts at ``p0`` (position reuse), source values are indexed by absolute position."""
         n_b = rows.stop - rows.start
         writes: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
         head_out: dict[int, list[tuple[slice, Any, int, Tensor]]] = defaultdict(list)
@@ -288,14 +328,19 @@ class PatchEngine:
             vrows = slice(v * n_b, (v + 1) * n_b)
             for site in variant:
                 idx = site.index(self.shape)
-                pos = idx[1] if site.kind is not Component.HEAD_PATTERN else idx[2]
+                axis = 2 if site.kind is Component.HEAD_PATTERN else 1
+                pos = idx[axis]
+                at = pos if site.position is None else site.position - p0
+                if site.position is None and p0:
+                    raise PatchingError("an all-position site cannot run with position reuse")
                 if site.kind is Component.HEAD_OUT:
                     assert site.head is not None
                     c_src = self._head_write(src, site.layer, site.head, rows, pos)
-                    head_out[site.layer].append((vrows, pos, site.head, c_src))
+                    head_out[site.layer].append((vrows, at, site.head, c_src))
                 else:
                     value = src.cache[site.read_hook_name][rows][idx]
-                    writes[site.hook_name].append(((vrows, *idx[1:]), value))
+                    write_at = (vrows, *idx[1:axis], at, *idx[axis + 1 :])
+                    writes[site.hook_name].append((write_at, value))
         fired: set[str] = set()
         hooks: list[Hook] = []
         for name, ops in writes.items():

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mechdelta.errors import PatchingError
 
-__all__ = ["Hook", "ModelRunner"]
+__all__ = ["CacheHooks", "Hook", "ModelRunner", "prefix_cache"]
 
 Hook = tuple[str, Callable[..., Any]]
 
@@ -59,9 +59,12 @@ class ModelRunner:
         resid: Float[Tensor, "batch pos d_model"] | None = None,
         start_layer: int = 0,
         hooks: Sequence[Hook] = (),
+        past_key_values: Any = None,
     ) -> Float[Tensor, "batch k d_vocab"]:
         """Logits at ``positions`` (per row) of a run from ``tokens``, or from ``resid`` entering
-        block ``start_layer`` (blocks before it are skipped)."""
+        block ``start_layer`` (blocks before it are skipped). With ``past_key_values`` (an HF
+        cache of the first ``p0`` positions), ``resid`` holds positions ``p0..`` only and
+        ``positions`` count from ``p0``."""
 
         def stop(x: Tensor, hook: Any) -> None:
             raise _Stop(x)
@@ -75,7 +78,7 @@ class ModelRunner:
                     self._run(tokens, all_hooks, None)
                 else:
                     with self._skip_blocks(start_layer):
-                        self._run(resid, all_hooks, start_layer)
+                        self._run(resid, all_hooks, start_layer, past_key_values)
         except _Stop as stopped:
             final = stopped.resid
         else:
@@ -118,10 +121,14 @@ class ModelRunner:
 
     # --- internals -----------------------------------------------------------------------
 
-    def _run(self, inp: Tensor, hooks: list[Hook], start_layer: int | None) -> None:
+    def _run(
+        self, inp: Tensor, hooks: list[Hook], start_layer: int | None, past: Any = None
+    ) -> None:
         kwargs: dict[str, Any] = {"fwd_hooks": hooks}
         if start_layer is not None:
             kwargs["start_at_layer"] = start_layer
+        if past is not None:
+            kwargs["past_key_values"] = past
         self.model.run_with_hooks(inp, **kwargs)
 
     @contextmanager
@@ -145,6 +152,32 @@ class ModelRunner:
         finally:
             for block in blocks:
                 block.__dict__.pop("forward", None)
+
+    def key_values(self, tokens: Int[Tensor, "batch pos"]) -> list[tuple[Tensor, Tensor]] | None:
+        """Per-layer (keys, values) ``[batch, kv_head, pos, d_head]`` of a clean run, from the HF
+        model's own KV cache; None when the model keeps none (e.g. TL-native models)."""
+        try:
+            with torch.no_grad():
+                out = self.model(tokens, return_type="logits_and_cache")
+        except (TypeError, ValueError, NotImplementedError, AttributeError):
+            return None
+        cache = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+        layers = getattr(cache, "layers", None)
+        if not layers or len(layers) != self.n_layers:
+            return None
+        return [(layer.keys, layer.values) for layer in layers]
+
+
+def prefix_cache(kv: list[tuple[Tensor, Tensor]], rows: slice, p0: int, copies: int) -> Any:
+    """An HF ``DynamicCache`` holding positions ``< p0`` of ``rows``, stacked ``copies`` times."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(
+            k[rows, :, :p0].repeat(copies, 1, 1, 1), v[rows, :, :p0].repeat(copies, 1, 1, 1), layer
+        )
+    return cache
 
 
 class CacheHooks:
