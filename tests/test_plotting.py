@@ -1,0 +1,496 @@
+"""Figures: snapshot of each plot type's JSON, colour ranges, hover text, export (HTML, PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mechdelta import (
+    BothDirections,
+    Component,
+    Direction,
+    ExportError,
+    FactorialResult,
+    PatchResult,
+    ShiftResult,
+    Site,
+    SweepResult,
+    WeightDiff,
+    WeightDiffRow,
+)
+from mechdelta import plotting as P
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+R2I, I2R = Direction.REFERENCE_TO_INTERVENED, Direction.INTERVENED_TO_REFERENCE
+
+
+# --- fixed results (no model) ------------------------------------------------------------------
+
+
+def make_shift() -> ShiftResult:
+    reference = torch.tensor([1.0, 1.5, 0.5, 2.0, 1.0, 1.25])
+    intervened = torch.tensor([3.0, 3.25, 2.0, 3.5, 2.75, 3.0])
+    return ShiftResult("logit_diff", reference, intervened, (1.4, 2.1), task="induction")
+
+
+def _grid(shape: tuple[int, ...], seed: float = 0.0) -> torch.Tensor:
+    """Fixed, varied values in [-0.6, 1.0] (no RNG)."""
+    n = 1
+    for s in shape:
+        n *= s
+    i = torch.arange(n, dtype=torch.float64)
+    return (0.2 + 0.8 * torch.sin(1.7 * i + seed)).clamp(-0.6, 1.0).float().reshape(shape)
+
+
+def make_sweep(
+    dims: tuple[str, ...],
+    coords: dict[str, tuple[int, ...]],
+    direction: Direction = R2I,
+    component: Component = Component.HEAD_OUT,
+    tokens: tuple[str, ...] | None = None,
+    seed: float = 0.0,
+) -> SweepResult:
+    shift = make_shift()
+    grid = tuple(len(coords[d]) for d in dims)
+    score = _grid(grid, seed)
+    m_r, m_i = shift.reference_mean, shift.intervened_mean
+    # per-prompt patched values whose mean reproduces `score` exactly in this direction
+    mean = m_i - score * (m_i - m_r) if direction.toward_reference else m_r + score * (m_i - m_r)
+    spread = torch.tensor([-0.3, -0.1, 0.0, 0.1, 0.2, 0.1])
+    per_prompt = mean.double()[..., None] + spread.double()
+    ci = torch.stack([score - 0.15, score + 0.2], dim=-1)
+    return SweepResult(
+        component=component,
+        direction=direction,
+        dims=dims,
+        coords=coords,
+        per_prompt=per_prompt.float(),
+        ci=ci,
+        shift=shift,
+        activation_delta=_grid(grid, seed + 1.0).abs() * 3,
+        tokens=tokens,
+    )
+
+
+TOKENS = ("<|endoftext|>", "A", " B", " C", " A", " B", " the", "\n", " the")
+
+
+def sweep_layer_head(direction: Direction = R2I) -> SweepResult:
+    return make_sweep(
+        ("layer", "head"),
+        {"layer": (0, 1, 2), "head": (0, 1, 2, 3)},
+        direction,
+        seed=0.0 if direction is R2I else 2.0,
+    )
+
+
+def sweep_layer_position() -> SweepResult:
+    return make_sweep(
+        ("layer", "position"),
+        {"layer": (0, 1, 2), "position": tuple(range(9))},
+        component=Component.RESID_PRE,
+        tokens=TOKENS,
+    )
+
+
+def sweep_layer() -> SweepResult:
+    return make_sweep(("layer",), {"layer": (0, 1, 2, 3)}, component=Component.MLP_OUT)
+
+
+def sweep_layer_position_head() -> SweepResult:
+    return make_sweep(
+        ("layer", "position", "head"),
+        {"layer": (0, 1), "position": (0, 1, 2, 3, 4), "head": (0, 2, 3)},
+        tokens=TOKENS[:5],
+    )
+
+
+def sweep_layer_neuron() -> SweepResult:
+    return make_sweep(
+        ("layer", "neuron"),
+        {"layer": (0, 1), "neuron": tuple(range(20))},
+        component=Component.MLP_NEURON,
+    )
+
+
+def make_patch(direction: Direction = R2I) -> PatchResult:
+    return PatchResult(
+        sites=(Site("head_out", 1, head=2), Site("head_out", 2, head=0)),
+        direction=direction,
+        per_prompt=torch.tensor([1.5, 2.0, 1.0, 2.5, 1.5, 1.75]),
+        ci=(0.45, 0.8),
+        shift=make_shift(),
+    )
+
+
+def make_factorial() -> FactorialResult:
+    return FactorialResult(
+        metric="logit_diff",
+        cells={
+            "reference/clean": torch.tensor([1.0, 1.5, 0.5, 2.0]),
+            "reference/corrupted": torch.tensor([0.0, 0.25, -0.25, 0.5]),
+            "intervened/clean": torch.tensor([3.0, 3.25, 2.0, 3.5]),
+            "intervened/corrupted": torch.tensor([0.1, 0.2, -0.1, 0.4]),
+        },
+        interaction_ci=(1.2, 2.0),
+    )
+
+
+def make_weight_diff() -> WeightDiff:
+    rows = [WeightDiffRow("embed", None, None, 40.0, 0.0)]
+    for layer in range(2):
+        for h in range(2):
+            for c in ("head_q", "head_k", "head_v", "head_o"):
+                delta = 0.02 * (1 + h + layer) if c != "head_q" or (layer, h) != (1, 0) else 4.0
+                rows.append(WeightDiffRow(c, layer, h, 8.0, delta))
+        rows.append(WeightDiffRow("mlp", layer, None, 30.0, 0.003 * (layer + 1)))
+        rows.append(WeightDiffRow("ln1", layer, None, 5.0, 0.0))
+    rows.append(WeightDiffRow("unembed", None, None, 40.0, 0.0005))
+    return WeightDiff(tuple(rows), "ref0123456789ab", "itv0123456789ab")
+
+
+def fixed_patterns() -> tuple[torch.Tensor, torch.Tensor]:
+    n = 6
+    scores = torch.arange(n * n, dtype=torch.float64).reshape(n, n).sin()
+    mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+    ref = scores.masked_fill(mask, -torch.inf).softmax(-1)
+    shifted = torch.eye(n, dtype=torch.float64).roll(-1, dims=1) * 3  # previous-token head
+    itv = (scores + shifted.T).masked_fill(mask, -torch.inf).softmax(-1)
+    return ref.float(), itv.float()
+
+
+FIGURES: dict[str, Any] = {
+    "sweep_layer_head": lambda: P.sweep_figure(sweep_layer_head()),
+    "sweep_layer_position": lambda: P.sweep_figure(sweep_layer_position()),
+    "sweep_layer": lambda: P.sweep_figure(sweep_layer()),
+    "sweep_layer_position_head": lambda: P.sweep_figure(sweep_layer_position_head()),
+    "sweep_layer_neuron": lambda: P.sweep_figure(sweep_layer_neuron()),
+    "both_directions": lambda: P.both_directions_figure(
+        BothDirections(sweep_layer_head(R2I), sweep_layer_head(I2R))
+    ),
+    "both_directions_patch": lambda: P.both_directions_figure(
+        BothDirections(make_patch(R2I), make_patch(I2R))
+    ),
+    "shift": lambda: P.shift_figure(make_shift()),
+    "patch": lambda: P.patch_figure(make_patch()),
+    "factorial": lambda: P.factorial_figure(make_factorial()),
+    "weight_diff": lambda: P.weight_diff_figure(make_weight_diff()),
+    "attention": lambda: P.attention_figure_from_patterns(
+        *fixed_patterns(), ["<bos>", "A", " B", " A", " B", " A"], 1, 2
+    ),
+}
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+def normalised(fig: Any) -> str:
+    """The figure JSON, keys sorted, floats to 6 significant digits (last-ulp differences of
+    libm/SIMD between machines must not fail a snapshot); plotly's template (its data, not
+    ours) left out."""
+    obj = json.loads(fig.to_json())
+    obj.get("layout", {}).pop("template", None)
+    return json.dumps(_round(obj), sort_keys=True, indent=1, ensure_ascii=False)
+
+
+def _round(o: Any) -> Any:
+    if isinstance(o, float):
+        return float(f"{o:.6g}")
+    if isinstance(o, list):
+        return [_round(v) for v in o]
+    if isinstance(o, dict):
+        return {k: _round(v) for k, v in o.items()}
+    return o
+
+
+def assert_snapshot(name: str, text: str) -> None:
+    path = SNAPSHOTS / f"{name}.json"
+    if os.environ.get("MECHDELTA_UPDATE_SNAPSHOTS") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+        return
+    if not path.is_file():
+        pytest.fail(
+            f"no snapshot {path}; create it with MECHDELTA_UPDATE_SNAPSHOTS=1 pytest {__file__}"
+        )
+    expected = path.read_text(encoding="utf-8").rstrip("\n")
+    if text != expected:
+        import difflib
+
+        diff = "\n".join(
+            list(
+                difflib.unified_diff(
+                    expected.splitlines(), text.splitlines(), "snapshot", "now", lineterm=""
+                )
+            )[:40]
+        )
+        pytest.fail(
+            f"figure {name!r} differs from {path}:\n{diff}\n(if the change is intended, rerun with "
+            "MECHDELTA_UPDATE_SNAPSHOTS=1 and review the diff)"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_figure_matches_snapshot(name: str) -> None:
+    first = FIGURES[name]()
+    assert normalised(first) == normalised(FIGURES[name]())  # deterministic
+    assert first.to_json() == FIGURES[name]().to_json()
+    assert first.layout.template.layout.paper_bgcolor == "white"  # plotly_white, set per figure
+    assert_snapshot(name, normalised(first))
+
+
+# --- content -----------------------------------------------------------------------------------
+
+
+def _colour_ranges(fig: Any) -> list[tuple[float, float, float]]:
+    out = []
+    for t in fig.data:
+        if t.type == "heatmap" and t.zmin is not None:
+            out.append((t.zmin, t.zmid, t.zmax))
+        if t.type == "bar" and t.marker.cmin is not None:
+            out.append((t.marker.cmin, t.marker.cmid, t.marker.cmax))
+    diff_axis = fig.layout.to_plotly_json().get("coloraxis2")  # attention differences
+    if diff_axis:
+        out.append((diff_axis["cmin"], diff_axis["cmid"], diff_axis["cmax"]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sweep_layer_head", "sweep_layer_position", "sweep_layer", "sweep_layer_position_head",
+     "sweep_layer_neuron", "both_directions", "attention"],
+)  # fmt: skip
+def test_score_colours_are_symmetric_and_centred(name: str) -> None:
+    ranges = _colour_ranges(FIGURES[name]())
+    assert ranges
+    for lo, mid, hi in ranges:
+        assert mid == 0.0 and lo == -hi and hi > 0
+    assert len({r for r in ranges}) == 1  # one shared range across panels
+
+
+def test_sweep_range_is_max_abs_score_and_hover_names_sites() -> None:
+    result = sweep_layer_head()
+    fig = P.sweep_figure(result)
+    (trace,) = fig.data
+    assert trace.zmax == pytest.approx(float(result.scores.abs().max()))
+    assert len(trace.z) == 3 and len(trace.z[0]) == 4  # layer rows x head columns
+    assert trace.customdata[1][2][0] == str(Site("head_out", 1, head=2)) == "L1H2"
+    for i, j in [(0, 0), (2, 3)]:
+        row = trace.customdata[i][j]
+        assert row[1] == pytest.approx(float(result.scores[i, j]))
+        assert row[2:4] == pytest.approx(result.ci[i, j].tolist())
+        assert row[4] == pytest.approx(float(result.patched[i, j]))
+    assert "%{customdata[0]}" in trace.hovertemplate and "CI" in trace.hovertemplate
+    assert "patched logit_diff" in trace.hovertemplate
+    title = fig.layout.title.text
+    assert "head_out" in title and "reference → intervened" in title and "logit_diff" in title
+    assert "shift +1.71" in title and "95% CI [+1.4, +2.1]" in title
+
+
+def test_both_directions_share_one_range() -> None:
+    a, b = sweep_layer_head(R2I), sweep_layer_head(I2R)
+    fig = P.both_directions_figure(BothDirections(a, b))
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    m = max(float(a.scores.abs().max()), float(b.scores.abs().max()))
+    assert all(t.zmax == pytest.approx(m) for t in fig.data)
+    assert [t.showscale for t in fig.data] == [True, False]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["reference → intervened", "intervened → reference"]
+
+
+def test_position_labels_use_tokens_and_are_unique() -> None:
+    fig = P.sweep_figure(sweep_layer_position())
+    x = list(fig.data[0].x)
+    assert len(set(x)) == len(x) == 9
+    assert x[0] == "0: &lt;|endoftext|&gt;" and x[6] == "6:  the" and x[7] == "7: ↵"
+    assert "L2P5.resid_pre" in json.dumps(fig.data[0].customdata)
+    no_tokens = make_sweep(
+        ("layer", "position"), {"layer": (0,), "position": (1, 3)}, component=Component.RESID_PRE
+    )
+    assert list(P.sweep_figure(no_tokens).data[0].x) == ["1", "3"]
+    assert P.position_labels([0, 1], ["a", "a"]) == ["0: a", "1: a"]
+
+
+def test_by_position_head_sweep_has_one_panel_per_head() -> None:
+    fig = P.sweep_figure(sweep_layer_position_head())
+    assert len(fig.data) == 3
+    assert [a.text for a in fig.layout.annotations] == ["H0", "H2", "H3"]
+    assert all(len(t.z) == 2 and len(t.z[0]) == 5 for t in fig.data)
+    assert fig.data[1].customdata[1][4][0] == "L1H2P4"
+
+
+def test_many_neurons_by_position_stack_rows_in_one_panel() -> None:
+    result = make_sweep(
+        ("layer", "position", "neuron"),
+        {"layer": (0, 1), "position": (0, 1, 2), "neuron": tuple(range(20))},
+        component=Component.MLP_NEURON,
+    )
+    (trace,) = P.sweep_figure(result).data
+    assert len(trace.y) == 40 and trace.y[21] == "L1 N1" and len(trace.x) == 3
+    assert trace.customdata[21][2][0] == "L1N1P2"
+    assert trace.z[21][2] == pytest.approx(float(result.scores[1, 2, 1]))
+
+
+def test_nan_scores_give_gaps_and_a_tiny_range() -> None:
+    shift = ShiftResult("logit_diff", torch.ones(3), torch.ones(3), (0.0, 0.0))
+    result = SweepResult(
+        Component.HEAD_OUT, R2I, ("layer", "head"), {"layer": (0,), "head": (0, 1)},
+        torch.ones(1, 2, 3), torch.full((1, 2, 2), float("nan")), shift,
+    )  # fmt: skip
+    fig = P.sweep_figure(result)
+    assert [list(r) for r in fig.data[0].z] == [[None, None]]
+    assert fig.data[0].zmax == P.EPS
+    assert "NaN" not in fig.to_json()
+
+
+def test_weight_diff_bars_sorted_and_log_scaled() -> None:
+    diff = make_weight_diff()
+    fig = P.weight_diff_figure(diff)
+    order = list(fig.layout.yaxis.categoryarray)
+    assert order[0] == "L1H0.head_q"
+    values = {y: x for t in fig.data for x, y in zip(t.x, t.y, strict=True)}
+    assert [values[k] for k in order] == sorted(values.values(), reverse=True)
+    assert len(order) == len(diff.changed())  # unchanged rows are counted, not drawn
+    assert fig.layout.xaxis.type == "log"
+    assert P.weight_diff_figure(diff, log=False).layout.xaxis.type == "linear"
+    assert len(P.weight_diff_figure(diff, top=3).layout.yaxis.categoryarray) == 3
+    assert list(diff.figure(top=5).layout.yaxis.categoryarray) == order[:5]
+    same = WeightDiff((WeightDiffRow("mlp", 0, None, 1.0, 0.0),), "a", "a")
+    assert "identical" in P.weight_diff_figure(same).layout.annotations[0].text
+
+
+def test_shift_patch_factorial_content() -> None:
+    shift = make_shift()
+    fig = P.shift_figure(shift)
+    ci_trace = next(t for t in fig.data if t.error_y.array is not None)
+    assert ci_trace.y[0] == pytest.approx(shift.shift)
+    assert ci_trace.y[0] + ci_trace.error_y.array[0] == pytest.approx(shift.ci[1])
+    assert ci_trace.y[0] - ci_trace.error_y.arrayminus[0] == pytest.approx(shift.ci[0])
+    assert shift.figure().to_json() == fig.to_json()
+    patch = P.patch_figure(make_patch())
+    assert {t.name for t in patch.data if t.showlegend is not False} >= {
+        "reference", "intervened", "patched"
+    }  # fmt: skip
+    assert "L1H2, L2H0" in patch.layout.title.text
+    fac = P.factorial_figure(make_factorial())
+    lines = [t for t in fac.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["reference", "intervened"]
+    assert "interaction" in fac.layout.title.text
+
+
+def test_attention_figure_from_a_model(native_pair_factory) -> None:
+    from mechdelta import ModelPair
+
+    def perturb(m: Any) -> None:
+        m.blocks[1].attn.q.weight.mul_(4.0)
+
+    pair = ModelPair(*native_pair_factory(perturb))
+    tokens = torch.tensor([[3, 7, 9, 3, 7, 9, 1]])
+    ref, itv = P.attention_patterns(pair, tokens, layer=1, head=2)
+    assert ref.shape == itv.shape == (1, 7, 7)
+    assert torch.allclose(ref.sum(-1), torch.ones(1, 7), atol=1e-5)
+    assert not torch.allclose(ref, itv)
+    fig = P.attention_figure(pair, tokens, layer=1, head=2)
+    assert [t.type for t in fig.data] == ["heatmap"] * 3
+    assert list(fig.data[0].x) == ["0: 3", "1: 7", "2: 9", "3: 3", "4: 7", "5: 9", "6: 1"]
+    assert fig.data[0].z[0][1] is None  # future key: masked
+    again = P.attention_figure_from_patterns(
+        ref[0], itv[0], ["3", "7", "9", "3", "7", "9", "1"], 1, 2
+    )
+    assert again.to_json() == fig.to_json()
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _has_browser() -> bool:
+    try:
+        P.find_browser()
+    except ExportError:
+        return False
+    return True
+
+
+needs_browser = pytest.mark.skipif(
+    not _has_browser(),
+    reason="no Chrome/Chromium for kaleido (bash scripts/setup.sh installs it; or set BROWSER_PATH)",
+)
+
+
+@needs_browser
+def test_static_export_writes_real_images(tmp_path: Path) -> None:
+    figs = {
+        "heads": FIGURES["sweep_layer_head"](),
+        "tokens": FIGURES["sweep_layer_position"](),
+        "attention": FIGURES["attention"](),
+    }
+    with P.FigureWriter() as writer:
+        assert not writer.started
+        t0 = time.perf_counter()
+        out = P.write_figure(
+            figs["heads"], tmp_path / "heads", ("html", "png", "svg"), width=640, height=420
+        )
+        first = time.perf_counter() - t0
+        assert writer.started
+        t0 = time.perf_counter()
+        writer.write(figs["tokens"], tmp_path / "tokens.png", ("png", "pdf"), width=800, height=500)
+        writer.write(figs["attention"], tmp_path / "attention", ("png",))
+        warm = (time.perf_counter() - t0) / 2
+    assert not writer.started
+    assert _png_size(out["png"].read_bytes()) == (640, 420)
+    assert _png_size((tmp_path / "tokens.png").read_bytes()) == (800, 500)
+    assert _png_size((tmp_path / "attention.png").read_bytes()) == P.figure_size(figs["attention"])
+    assert (tmp_path / "tokens.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in out["svg"].read_bytes()[:200]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attention.png",
+        "heads.html",
+        "heads.png",
+        "heads.svg",
+        "tokens.pdf",
+        "tokens.png",
+    ]  # fmt: skip  (no temporary files left behind)
+    print(f"static export: first figure {first:.2f} s (browser start), then {warm:.2f} s each")
+
+
+def test_html_export_needs_no_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    fig = FIGURES["sweep_layer_head"]()
+    out = P.write_figure(fig, tmp_path / "fig", ("html", "json"))
+    html = out["html"].read_text("utf-8")
+    assert '<script src="http' not in html and len(html) > 1_000_000  # plotly.js inlined
+    assert 'id="mechdelta-fig"' in html
+    assert out["json"].read_text("utf-8").strip() == fig.to_json()
+    again = P.write_figure(fig, tmp_path / "fig", ("html",))["html"].read_text("utf-8")
+    assert again == html  # deterministic bytes
+
+
+def test_missing_browser_raises_export_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fig = FIGURES["shift"]()
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    with pytest.raises(ExportError, match="BROWSER_PATH=.*scripts/setup.sh"):
+        P.write_figure(fig, tmp_path / "shift", ("html", "png"))
+    assert (tmp_path / "shift.html").is_file()  # the HTML was written before the error
+    assert not (tmp_path / "shift.png").exists()
+    monkeypatch.delenv("BROWSER_PATH")
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: None)
+    with pytest.raises(ExportError, match=r"apt install chromium"):
+        P.write_figure(fig, tmp_path / "shift", ("svg",))
+    with pytest.raises(ExportError, match="unknown figure format"):
+        P.write_figure(fig, tmp_path / "shift", ("gif",))
