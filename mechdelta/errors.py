@@ -97,3 +97,8 @@ class ZooError(MechDeltaError, ValueError):
 
 class ExportError(MechDeltaError, RuntimeError):
     """A figure could not be exported (e.g. no browser for static PNG/SVG/PDF export)."""
+
+
+class RunError(MechDeltaError):
+    """A run directory cannot be used: missing, partial or corrupt, not a run at all, or one made
+    from another experiment (its configuration or model weights differ)."""

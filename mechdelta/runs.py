@@ -1,0 +1,456 @@
+"""Reproducible runs: execute an :class:`~mechdelta.experiment.Experiment` into a run directory.
+
+:func:`run_experiment` loads the pair, writes ``manifest.json`` (versions, weight and tokenizer
+hashes, the prompt-set hash, seeds, the resolved configuration), runs each analysis and stores it
+(see :mod:`mechdelta.rundir` for the layout), then writes every figure from the *stored* results.
+Re-launching an interrupted run into the same directory resumes it: analyses already complete are
+skipped after checking that the configuration and the model weights are the ones the run began
+with, and the final results are identical to an uninterrupted run's.
+:func:`regenerate_figures` rebuilds every figure from the stored results alone (no model loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechdelta.errors import ConfigError, ExportError, MechDeltaError, RunError, TaskError
+from mechdelta.experiment import AnalysisSpec, Experiment, PairSpec, short_hash
+from mechdelta.provenance import environment
+from mechdelta.rundir import (
+    FIGURES,
+    RUN_FORMAT,
+    RUN_FORMAT_VERSION,
+    StoredRun,
+    clear_analysis,
+    read_manifest,
+    save_analysis,
+    write_manifest,
+)
+
+__all__ = ["RunResult", "regenerate_figures", "run_experiment"]
+
+ExperimentLike = Experiment | Mapping[str, Any] | str | os.PathLike[str]
+
+
+# --- the pair and the task ----------------------------------------------------------------------
+
+
+def tiny_task(n_prompts: int = 16, seq_len: int = 8, seed: int = 0) -> Any:
+    """The built-in tiny pair's task: seeded random tokens, KL of intervened to reference.
+
+    ``corrupted`` holds another seeded set of tokens, so the factorial design runs on it too.
+    """
+    from mechdelta.task import Task
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64, (n_prompts, seq_len), generator=gen)
+    corrupted = torch.randint(0, 64, (n_prompts, seq_len), generator=gen)
+    return Task(tokens, corrupted=corrupted, metric="kl_to_reference", name="tiny-random-tokens")
+
+
+def load_pair(spec: PairSpec) -> tuple[Any, Any]:
+    """The pair a ``[pair]`` table names, and the task it brings (None for checkpoints)."""
+    if spec.zoo is not None:
+        import importlib
+
+        zoo: Any = importlib.import_module("mechdelta.zoo")
+        entry = zoo.load(spec.zoo)
+        return entry.pair, entry.task
+    if spec.builtin is not None:
+        from mechdelta._builtin import tiny_pair
+
+        return tiny_pair(), tiny_task()
+    from mechdelta.pair import ModelPair
+
+    assert spec.reference is not None and spec.intervened is not None  # validated by PairSpec
+    pair = ModelPair.load(
+        spec.reference,
+        spec.intervened,
+        device=spec.device,
+        dtype=spec.dtype,
+        processing=spec.processing or "raw",
+        allow_identical=spec.allow_identical,
+    )
+    return pair, None
+
+
+# --- the analyses -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    pair: Any
+    task: Any
+    experiment: Experiment
+    progress: bool | None
+
+    @property
+    def boot(self) -> dict[str, Any]:
+        r = self.experiment.run
+        return {"n_boot": r.n_boot, "alpha": float(r.alpha), "seed": r.seed}
+
+
+def _run_shift(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.shift import measure_shift
+
+    return measure_shift(ctx.pair, ctx.task, **ctx.boot)
+
+
+def _run_sweep(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.sweeps import sweep
+
+    assert spec.component is not None
+    return sweep(
+        ctx.pair,
+        ctx.task,
+        spec.component,
+        spec.direction,
+        per_position=spec.per_position,
+        heads=spec.heads,
+        layers=spec.layers,
+        positions=spec.positions,
+        neurons=spec.neurons,
+        batch_budget=spec.batch_budget,
+        progress=ctx.progress,
+        **ctx.boot,
+    )
+
+
+def _run_patch(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.patching import patch
+
+    assert spec.sites is not None
+    return patch(
+        ctx.pair, ctx.task, spec.sites, spec.direction, batch_budget=spec.batch_budget, **ctx.boot
+    )
+
+
+def _run_weight_diff(ctx: _Context, spec: AnalysisSpec) -> Any:
+    return ctx.pair.weight_diff()
+
+
+def _run_factorial(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.shift import factorial
+
+    return factorial(ctx.pair, ctx.task, **ctx.boot)
+
+
+#: kind -> function(context, spec) -> result (a registry: a new kind adds an entry here, in
+#: :mod:`mechdelta.experiment` for its keys, and in :mod:`mechdelta.report` for its section).
+EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
+    "shift": _run_shift,
+    "sweep": _run_sweep,
+    "patch": _run_patch,
+    "weight_diff": _run_weight_diff,
+    "factorial": _run_factorial,
+}
+
+
+def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
+    """Check every analysis against the model and prompts before spending compute on any."""
+    from mechdelta.sites import Site
+    from mechdelta.sweeps import sweep_grid
+
+    for spec in exp.analyses:
+        try:
+            if spec.kind == "factorial" and prepared.corrupted is None:
+                raise TaskError(
+                    "the factorial design needs a task with corrupted prompts "
+                    "([task] corrupted = [...])"
+                )
+            if spec.kind == "sweep":
+                assert spec.component is not None
+                _, dims, _ = sweep_grid(
+                    spec.component,
+                    pair.shape,
+                    prepared.seq_len,
+                    per_position=spec.per_position,
+                    layers=spec.layers,
+                    heads=spec.heads,
+                    positions=spec.positions,
+                    neurons=spec.neurons,
+                )
+                if "position" in dims:
+                    prepared.require_aligned("a by-position sweep")
+            if spec.kind == "patch":
+                for s in spec.sites or ():
+                    Site.parse(s).validate(pair.shape, prepared.seq_len)
+        except MechDeltaError as exc:
+            raise ConfigError(f"{spec.where} cannot run on this pair and task: {exc}") from None
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`run_experiment` did: the run directory, its manifest, and which analyses it
+    computed now or found complete (``skipped``). :meth:`load` reads a stored result back."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    computed: tuple[str, ...]
+    skipped: tuple[str, ...]
+    figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(a["id"] for a in self.manifest["analyses"])
+
+    def load(self, analysis_id: str) -> Any:
+        return StoredRun(self.run_dir, self.manifest).load(analysis_id)
+
+    def __str__(self) -> str:
+        return (
+            f"run {self.manifest['config']['name']!r} in {os.fspath(self.run_dir)}: "
+            f"{len(self.computed)} analyses computed, {len(self.skipped)} already complete"
+        )
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return f"{path or 'the configuration'}: stored {a!r}, now {b!r}"
+
+
+def _prepare_dir(out: Path, exp: Experiment, overwrite: bool) -> dict[str, Any] | None:
+    """The stored manifest to resume from (None: a fresh run); RunError for unusable dirs."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise RunError(f"--out {os.fspath(out)!r} exists and is not a directory")
+    if not any(out.iterdir()):
+        return None
+    manifest = read_manifest(out)  # RunError: not a run directory, or a corrupt one
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    stored, now = manifest["config"], exp.to_dict()
+    if {k: stored.get(k) for k in ("pair", "task", "run", "analyses")} != exp.compute_dict():
+        raise RunError(
+            f"{os.fspath(out)!r} holds a run of a different experiment ("
+            + _first_difference(
+                {k: stored.get(k) for k in ("pair", "task", "run", "analyses")},
+                {k: now[k] for k in ("pair", "task", "run", "analyses")},
+            )
+            + "). Choose a new --out for this experiment (or pass --overwrite to replace it)."
+        )
+    return manifest
+
+
+def _check_identity(
+    out: Path, stored: dict[str, Any], models: dict[str, Any], task: dict[str, Any]
+) -> None:
+    checks = [
+        ("reference weights", stored["models"]["reference"]["weights_hash"], models["reference"]["weights_hash"]),
+        ("intervened weights", stored["models"]["intervened"]["weights_hash"], models["intervened"]["weights_hash"]),
+        ("tokenizer", stored["models"].get("tokenizer_hash"), models.get("tokenizer_hash")),
+        ("prompt set", stored["task"].get("prompt_hash"), task.get("prompt_hash")),
+    ]  # fmt: skip
+    for what, before, now in checks:
+        if before != now:
+            raise RunError(
+                f"{os.fspath(out)!r} was run with other {what} (hash {before}, now {now}): its "
+                "stored results would not match a resumed run. Choose a new --out."
+            )
+
+
+def run_experiment(
+    config_or_path: ExperimentLike,
+    out_dir: str | os.PathLike[str],
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> RunResult:
+    """Run an experiment (an :class:`Experiment`, its dict, or a TOML path) into ``out_dir``.
+
+    A directory holding an interrupted (or finished) run of the same experiment is resumed:
+    complete analyses are skipped once the configuration and the models' weight hashes are
+    checked against the manifest (:class:`~mechdelta.errors.RunError` on any mismatch; choose a
+    new ``out_dir``). ``overwrite=True`` deletes an existing run directory first (never a
+    directory that is not a mechdelta run). ``quiet`` silences progress output.
+    """
+    t_start = time.perf_counter()
+    exp = Experiment.coerce(config_or_path)
+    out = Path(out_dir)
+    stored = _prepare_dir(out, exp, overwrite)
+    _say(quiet, f"mechdelta run {exp.name!r} -> {os.fspath(out)} ({len(exp.analyses)} analyses)")
+
+    t0 = time.perf_counter()
+    pair, default_task = load_pair(exp.pair)
+    task = exp.task.build() if exp.task is not None else default_task
+    if task is None:  # a zoo entry without a task: say so rather than fail later
+        raise ConfigError(f"[pair] {exp.pair.source} pair brings no task; add a [task] table")
+    prepared = task.prepare(
+        pair.tokenizer, n_ctx=int(pair.cfg.n_ctx), d_vocab=int(pair.cfg.d_vocab)
+    )
+    models = pair.provenance_models()
+    task_info = {
+        "name": prepared.task.name,
+        "metric": prepared.metric.name,
+        "n_prompts": prepared.batch_size,
+        "seq_len": prepared.seq_len,
+        "prompt_hash": prepared.prompt_hash(),
+    }
+    load_s = time.perf_counter() - t0
+    if stored is not None:
+        _check_identity(out, stored, models, task_info)
+    _preflight(exp, pair, prepared)
+
+    env = environment()
+    session = {"started": env["created"], "environment": env, "computed": [], "skipped": []}
+    manifest: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "status": "running",
+        "experiment": {"name": exp.name, "description": exp.description},
+        "environment": env,
+        "models": models,
+        "task": task_info,
+        "seeds": exp.run.to_dict(),
+        "config": exp.to_dict(),
+        "config_hash": short_hash(exp.compute_dict()),
+        "analyses": [
+            {"id": a.id, "kind": a.kind, "status": "pending", "seconds": None} for a in exp.analyses
+        ],
+        "timings": {"load_pair_s": round(load_s, 3), "analyses_s": {}, "figures_s": None},
+        "static_figures_skipped": None,
+        "sessions": [*(stored or {}).get("sessions", []), session],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    run = StoredRun(out, manifest)
+    for entry in manifest["analyses"]:
+        if run.is_complete(entry["id"]):
+            rec = run.record(entry["id"])
+            entry.update(status="complete", seconds=rec["seconds"])
+            manifest["timings"]["analyses_s"][entry["id"]] = rec["seconds"]
+    write_manifest(out, manifest)
+
+    ctx = _Context(pair, task, exp, progress=False if quiet else None)
+    computed: list[str] = []
+    skipped: list[str] = []
+    for i, (spec, entry) in enumerate(zip(exp.analyses, manifest["analyses"], strict=True)):
+        label = f"[{i + 1}/{len(exp.analyses)}] {spec.id}"
+        if entry["status"] == "complete":
+            skipped.append(spec.id)
+            _say(quiet, f"{label}: complete, skipped")
+            continue
+        _say(quiet, f"{label}: running")
+        clear_analysis(out, spec.id)
+        torch.manual_seed(exp.run.seed)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = EXECUTORS[spec.kind](ctx, spec)
+        seconds = time.perf_counter() - t0
+        messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+        save_analysis(
+            out,
+            spec.id,
+            kind=spec.kind,
+            params=spec.params(),
+            result=result,
+            seconds=seconds,
+            warnings=messages,
+        )
+        entry.update(status="complete", seconds=round(seconds, 3))
+        manifest["timings"]["analyses_s"][spec.id] = round(seconds, 3)
+        session["computed"] = [*session["computed"], spec.id]
+        write_manifest(out, manifest)
+        computed.append(spec.id)
+        _say(quiet, f"{label}: done in {seconds:.1f} s")
+        seen: set[tuple[type, str]] = set()
+        for w in caught:  # shown once each, after the result is safely stored
+            key = (w.category, str(w.message))
+            if key not in seen:
+                seen.add(key)
+                warnings.warn(w.message, w.category, stacklevel=2)
+    session["skipped"] = skipped
+
+    t0 = time.perf_counter()
+    figures, skipped_static = _write_figures(run, exp, quiet=quiet)
+    manifest["timings"]["figures_s"] = round(time.perf_counter() - t0, 3)
+    manifest["static_figures_skipped"] = skipped_static
+    manifest["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    session["finished"] = environment()["created"]
+    manifest["status"] = "complete"
+    write_manifest(out, manifest)
+    return RunResult(out, manifest, tuple(computed), tuple(skipped), figures)
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+
+def _write_figures(
+    run: StoredRun,
+    exp: Experiment,
+    *,
+    formats: tuple[str, ...] | None = None,
+    quiet: bool = False,
+) -> tuple[dict[str, dict[str, Path]], str | None]:
+    from tqdm import tqdm
+
+    from mechdelta.plotting import FigureWriter, find_browser, write_figure
+
+    fmts = tuple(dict.fromkeys(("json", *(exp.output.figures if formats is None else formats))))
+    static = [f for f in fmts if f not in ("json", "html")]
+    skipped: str | None = None
+    if static:
+        try:
+            find_browser()
+        except ExportError as exc:
+            if exp.output.require_static:
+                raise ExportError(
+                    f"{exc} The results are stored; once fixed, `mechdelta figures "
+                    f"{os.fspath(run.path)}` writes the figures (or set [output] figures = "
+                    "['html'])."
+                ) from None
+            skipped = f"{', '.join(static)} not written: {exc}"
+            _say(quiet, f"note: static figures skipped ({', '.join(static)}): no browser found")
+            fmts = tuple(f for f in fmts if f not in static)
+    written: dict[str, dict[str, Path]] = {}
+    (run.path / FIGURES).mkdir(parents=True, exist_ok=True)
+    with FigureWriter():
+        for analysis_id in tqdm(run.ids, desc="figures", disable=quiet, leave=False):
+            fig = run.load(analysis_id).figure()
+            written[analysis_id] = write_figure(fig, run.figure_stem(analysis_id), fmts)
+    return written, skipped
+
+
+def regenerate_figures(
+    run_dir: str | os.PathLike[str],
+    *,
+    formats: tuple[str, ...] | None = None,
+    quiet: bool = False,
+) -> dict[str, dict[str, Path]]:
+    """Rebuild every figure of a complete run from its stored results alone (no model loaded).
+
+    ``formats`` defaults to the run's ``[output] figures``; ``<id>.json`` is always written, and
+    the same stored results always give the same figure JSON. Raises
+    :class:`~mechdelta.errors.RunError` for partial or corrupt run directories.
+    """
+    run = StoredRun.open(run_dir)
+    run.require_complete()
+    figures, _ = _write_figures(run, run.experiment, formats=formats, quiet=quiet)
+    return figures

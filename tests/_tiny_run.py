@@ -1,0 +1,65 @@
+"""One run of the built-in tiny pair per test session, shared by the run, report and CLI tests
+(tests that change a run work on a copy)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ANALYSES: list[dict[str, Any]] = [
+    {"kind": "shift"},
+    {"kind": "sweep", "component": "head_out", "direction": "both"},
+    {"kind": "patch", "sites": ["L1H1", "L0H2"], "direction": "both"},
+    {"kind": "weight_diff"},
+    {"kind": "factorial"},
+]
+IDS = ("shift", "sweep-head_out-both", "patch-L1H1+L0H2-both", "weight_diff", "factorial")
+
+
+def tiny_config(analyses: list[dict[str, Any]] | None = None, **output: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny-test",
+        "description": "the built-in tiny pair: head L1H1's W_O doubled",
+        "pair": {"builtin": "tiny"},
+        "run": {"n_boot": 200, "seed": 3},
+        "output": {"figures": ["html"], **output},
+        "analyses": ANALYSES if analyses is None else analyses,
+    }
+
+
+TOML = """name = "tiny-test"
+[pair]
+builtin = "tiny"
+[run]
+n_boot = 200
+seed = 3
+[output]
+figures = ["html"]
+[[analyses]]
+kind = "shift"
+[[analyses]]
+kind = "sweep"
+component = "head_out"
+direction = "both"
+"""
+
+
+@functools.cache
+def base_run_dir() -> Path:
+    """A complete run of :func:`tiny_config` (read only: copy it before changing anything)."""
+    from mechdelta.runs import run_experiment
+
+    root = Path(tempfile.mkdtemp(prefix="mechdelta-test-run-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    run_experiment(tiny_config(), root / "base", quiet=True)
+    return root / "base"
+
+
+def copy_run(tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(base_run_dir(), dst)
+    return dst
