@@ -1,0 +1,537 @@
+"""The transition report of a run: Markdown plus one self-contained HTML file.
+
+``write_report(run_dir)`` reads a complete run directory (no model is loaded) and writes
+``report.md`` (figures linked from ``figures/``) and ``report.html`` (figures embedded, plotly.js
+inlined once, so the file opens offline on its own). The report says what shifted and by how much
+(with its confidence interval), where the shift is localised (top sites, both directions, as
+tables), shows the figures, and ends with the provenance from the manifest.
+
+Each analysis kind contributes a section through a registry: a new kind registers a function
+``(context, analysis_id, result) -> Section`` with :func:`register_section`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mechdelta._io import atomic_write_text
+from mechdelta.directions import Direction
+from mechdelta.rundir import StoredRun
+
+__all__ = [
+    "Figure",
+    "ReportContext",
+    "Section",
+    "Table",
+    "Text",
+    "register_section",
+    "top_sites_table",
+    "write_report",
+]
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph of plain text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    caption: str = ""
+
+    def text(self) -> str:
+        """Plain-text rendering with aligned columns (for terminals)."""
+        cells = [self.headers, *self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """The figure of one analysis (linked in Markdown, embedded in HTML)."""
+
+    analysis_id: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+    lang: str = ""
+
+
+Block = Text | Table | Figure | Code
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: tuple[Block, ...]
+    anchor: str = ""
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What a section may read: the stored run and the report's settings."""
+
+    run: StoredRun
+    top_k: int = 10
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def level(self) -> int:
+        return round(100 * (1 - float(self.run.manifest["seeds"].get("alpha", 0.05))))
+
+
+SectionFn = Callable[[ReportContext, str, Any], Section]
+_SECTIONS: dict[str, SectionFn] = {}
+
+
+def register_section(kind: str) -> Callable[[SectionFn], SectionFn]:
+    """Register the report section of an analysis kind (replacing any earlier one)."""
+
+    def deco(fn: SectionFn) -> SectionFn:
+        _SECTIONS[kind] = fn
+        return fn
+
+    return deco
+
+
+# --- formatting helpers -------------------------------------------------------------------------
+
+
+def _num(x: float, fmt: str = "+.3f") -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    text = format(x, fmt)
+    return text.replace("-", "+", 1) if float(text) == 0.0 else text  # no "-0.000"
+
+
+def _ci(lo: float, hi: float, fmt: str = "+.3f") -> str:
+    return f"[{_num(lo, fmt)}, {_num(hi, fmt)}]"
+
+
+def _score(score: float, ci: tuple[float, float]) -> str:
+    return f"{_num(score)} {_ci(*ci)}"
+
+
+_DIRECTION_TEXT = {
+    Direction.REFERENCE_TO_INTERVENED: (
+        "reference → intervened",
+        "reference activations restored inside the intervened model: the fraction of the shift "
+        "this undoes",
+    ),
+    Direction.INTERVENED_TO_REFERENCE: (
+        "intervened → reference",
+        "intervened activations put into the reference model: the fraction of the shift this "
+        "carries",
+    ),
+}
+
+
+def _shift_sentence(shift: Any, level: int) -> str:
+    lo, hi = shift.ci
+    verdict = (
+        "The shift is significant: its interval excludes 0."
+        if shift.significant
+        else "The interval contains 0: the shift is not distinguishable from noise, and patching "
+        "scores (fractions of it) are not meaningful."
+    )
+    return (
+        f"The intervention moved {shift.metric} from {shift.reference_mean:.4g} (reference) to "
+        f"{shift.intervened_mean:.4g} (intervened) on {len(shift.reference)} prompts: a shift of "
+        f"{shift.shift:+.4g} ({level}% bootstrap CI [{lo:+.4g}, {hi:+.4g}]). {verdict}"
+    )
+
+
+def top_sites_table(result: Any, k: int = 10) -> Table:
+    """Top sites of a sweep (a SweepResult or a BothDirections of sweeps) by |score|.
+
+    For both directions, sites are ranked by the larger |score| of the two, with one column per
+    direction.
+    """
+    from mechdelta.results import BothDirections
+
+    if isinstance(result, BothDirections):
+        first, second = result.reference_to_intervened, result.intervened_to_reference
+        a = {s.site: s for s in first.top(len(first.sites))}
+        b = {s.site: s for s in second.top(len(second.sites))}
+
+        def key(site: Any) -> float:
+            vals = [abs(x.score) for x in (a[site], b[site]) if not math.isnan(x.score)]
+            return max(vals) if vals else -1.0
+
+        order = sorted(a, key=lambda s: -key(s))[:k]
+        rows = tuple(
+            (str(s), _score(a[s].score, a[s].ci), _score(b[s].score, b[s].ci)) for s in order
+        )
+        return Table(
+            ("site", _DIRECTION_TEXT[first.direction][0], _DIRECTION_TEXT[second.direction][0]),
+            rows,
+            "score: fraction of the shift explained [CI]",
+        )
+    rows = tuple((str(s.site), _score(s.score, s.ci), f"{s.patched:.4g}") for s in result.top(k))
+    return Table(
+        ("site", f"score ({_DIRECTION_TEXT[result.direction][0]})", "patched metric"),
+        rows,
+        "score: fraction of the shift explained [CI]",
+    )
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+
+@register_section("shift")
+def _shift_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    lo, hi = result.ci
+    table = Table(
+        (
+            "metric",
+            "prompts",
+            "reference",
+            "intervened",
+            "shift",
+            f"{ctx.level}% CI",
+            "significant",
+        ),
+        (
+            (
+                result.metric,
+                str(len(result.reference)),
+                f"{result.reference_mean:.4g}",
+                f"{result.intervened_mean:.4g}",
+                f"{result.shift:+.4g}",
+                f"[{lo:+.4g}, {hi:+.4g}]",
+                "yes" if result.significant else "no",
+            ),
+        ),
+    )
+    text = Text(
+        f"The metric on each prompt under both models, and the mean shift with its {ctx.level}% "
+        "bootstrap interval (prompts resampled)."
+    )
+    return Section("What shifted", (text, table, Figure(analysis_id)), analysis_id)
+
+
+@register_section("sweep")
+def _sweep_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    from mechdelta.results import BothDirections
+
+    first = result.reference_to_intervened if isinstance(result, BothDirections) else result
+    grid = " × ".join(f"{len(first.coords[d])} {d}s" for d in first.dims)
+    directions = (
+        [r.direction for r in result] if isinstance(result, BothDirections) else [first.direction]
+    )
+    text = [
+        f"Each site ({first.component.value}, {grid}) patched on its own, "
+        + " and ".join(_DIRECTION_TEXT[d][0] for d in directions)
+        + ". "
+        + " ".join(f"{_DIRECTION_TEXT[d][0]}: {_DIRECTION_TEXT[d][1]}." for d in directions)
+    ]
+    best = top_sites_table(result, 1).rows
+    if best:
+        text.append(f"Top site: {best[0][0]} ({'; '.join(best[0][1:])}).")
+    return Section(
+        f"Where it is localised: {first.component.value} sweep",
+        (Text(" ".join(text)), top_sites_table(result, ctx.top_k), Figure(analysis_id)),
+        analysis_id,
+    )
+
+
+@register_section("patch")
+def _patch_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    from mechdelta.results import BothDirections
+
+    parts = list(result) if isinstance(result, BothDirections) else [result]
+    sites = ", ".join(str(s) for s in parts[0].sites)
+    rows = tuple(
+        (
+            _DIRECTION_TEXT[r.direction][0],
+            _score(r.score, r.ci),
+            f"{r.patched:.4g}",
+            f"{r.shift.reference_mean:.4g}",
+            f"{r.shift.intervened_mean:.4g}",
+        )
+        for r in parts
+    )
+    table = Table(
+        ("direction", "score [CI]", "patched", "reference", "intervened"),
+        rows,
+        f"joint patch of {sites}",
+    )
+    text = Text(
+        f"The sites {sites} patched jointly. A score near 1 means these sites together account "
+        "for the whole shift in that direction; near 0, for none of it."
+    )
+    return Section(f"Joint patch: {sites}", (text, table, Figure(analysis_id)), analysis_id)
+
+
+@register_section("weight_diff")
+def _weight_diff_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    changed = sorted(result.changed(), key=lambda r: -r.relative)
+    rows = tuple(
+        (r.label, f"{r.relative:.4g}", f"{r.delta_norm:.4g}", f"{r.reference_norm:.4g}")
+        for r in changed[: ctx.top_k]
+    )
+    text = Text(
+        f"{len(changed)} of {len(result.rows)} weight components changed. Weights changing is "
+        "not the same as a component mattering for the behaviour: compare with the sweeps."
+    )
+    table = Table(("component", "‖ΔW‖/‖W‖", "‖ΔW‖", "‖W‖"), rows, "largest relative changes")
+    return Section("Weight changes", (text, table, Figure(analysis_id)), analysis_id)
+
+
+@register_section("factorial")
+def _factorial_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    lo, hi = result.interaction_ci
+    rows = tuple(
+        (model, f"{result.mean(model, 'clean'):.4g}", f"{result.mean(model, 'corrupted'):.4g}")
+        for model in ("reference", "intervened")
+    )
+    text = Text(
+        f"Model effect (clean inputs) {result.model_effect:+.4g}; input effect (reference) "
+        f"{result.input_effect:+.4g}; interaction {result.interaction:+.4g} ({ctx.level}% CI "
+        f"[{lo:+.4g}, {hi:+.4g}]). A non-zero interaction means the intervention changed how the "
+        "model responds to the input manipulation; zero means it moved the metric uniformly."
+    )
+    table = Table(("model", "clean", "corrupted"), rows, f"mean {result.metric}")
+    return Section("Model × input (factorial)", (text, table, Figure(analysis_id)), analysis_id)
+
+
+def _provenance_section(ctx: ReportContext) -> Section:
+    m = ctx.run.manifest
+    env = m.get("environment", {})
+    models = m["models"]
+    task = m["task"]
+    seeds = m.get("seeds", {})
+    rows: list[tuple[str, str]] = [
+        ("mechdelta", str(env.get("mechdelta"))),
+        ("TransformerLens", str(env.get("transformer_lens"))),
+        ("torch", str(env.get("torch"))),
+        ("transformers", str(env.get("transformers"))),
+        ("python / platform", f"{env.get('python')} / {env.get('platform')}"),
+        ("run started", str(env.get("created"))),
+        ("reference", f"{models['reference']['name']} (weights {models['reference']['weights_hash']})"),
+        ("intervened", f"{models['intervened']['name']} (weights {models['intervened']['weights_hash']})"),
+        ("tokenizer hash", str(models.get("tokenizer_hash"))),
+        ("processing / dtype", f"{models.get('processing')} / {models.get('dtype')}"),
+        ("task", f"{task['name']}: {task['metric']}, {task['n_prompts']} prompts of up to {task['seq_len']} tokens"),
+        ("prompt-set hash", str(task["prompt_hash"])),
+        ("seeds", ", ".join(f"{k}={v}" for k, v in seeds.items())),
+        ("config hash", str(m.get("config_hash"))),
+    ]  # fmt: skip
+    timings = m.get("timings", {})
+    timing_rows = [("load pair", timings.get("load_pair_s"))]
+    timing_rows += list(timings.get("analyses_s", {}).items())
+    timing_rows += [
+        ("figures", timings.get("figures_s")),
+        ("total (last session)", timings.get("total_s")),
+    ]
+    blocks: list[Block] = [
+        Table(("item", "value"), tuple(rows), "software, models, prompts"),
+        Table(
+            ("step", "seconds"),
+            tuple((k, "n/a" if v is None else f"{float(v):.2f}") for k, v in timing_rows),
+            "timings",
+        ),
+    ]
+    warned = [
+        (i, w) for i in ctx.run.ids for w in ctx.run.record(i, verify=False).get("warnings", [])
+    ]
+    if warned:
+        blocks.append(Table(("analysis", "warning"), tuple(warned), "warnings raised"))
+    if m.get("static_figures_skipped"):
+        blocks.append(Text(f"Static figures: {m['static_figures_skipped']}"))
+    blocks.append(Text("The resolved experiment configuration:"))
+    blocks.append(Code(json.dumps(m["config"], indent=2, sort_keys=True), "json"))
+    return Section("Provenance", tuple(blocks), "provenance")
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_figure(run: StoredRun, fig: Figure) -> str:
+    stem = run.figure_stem(fig.analysis_id)
+    caption = fig.caption or fig.analysis_id
+    links = []
+    for fmt in ("png", "svg"):
+        if stem.with_name(f"{stem.name}.{fmt}").is_file():
+            links.append(f"![{caption}](figures/{fig.analysis_id}.{fmt})")
+            break
+    if stem.with_name(f"{stem.name}.html").is_file():
+        links.append(f"[interactive figure](figures/{fig.analysis_id}.html)")
+    return "\n\n".join(links) or f"(figure: figures/{fig.analysis_id}.json)"
+
+
+def _render_md(
+    run: StoredRun, title: str, intro: Sequence[Block], sections: Sequence[Section]
+) -> str:
+    out = [f"# {title}", ""]
+
+    def block(b: Block) -> list[str]:
+        if isinstance(b, Text):
+            return [b.text, ""]
+        if isinstance(b, Table):
+            lines = [f"*{b.caption}*", ""] if b.caption else []
+            lines.append("| " + " | ".join(_md_escape(h) for h in b.headers) + " |")
+            lines.append("|" + "|".join("---" for _ in b.headers) + "|")
+            lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in b.rows]
+            return [*lines, ""]
+        if isinstance(b, Figure):
+            return [_md_figure(run, b), ""]
+        return [f"```{b.lang}", b.text, "```", ""]
+
+    for b in intro:
+        out += block(b)
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        for b in s.blocks:
+            out += block(b)
+    return "\n".join(out).rstrip() + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.5em 0 1.2em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:left;font-variant-numeric:tabular-nums}th{background:#f3f3f3}caption{text-align:left;
+font-style:italic;color:#555;padding-bottom:.3em}pre{background:#f6f6f6;padding:1em;overflow:auto;
+font-size:85%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.figure{margin:1em 0}
+"""
+
+
+def _render_html(
+    run: StoredRun,
+    title: str,
+    intro: Sequence[Block],
+    sections: Sequence[Section],
+    figures: dict[str, Any],
+) -> str:
+    from plotly.offline import get_plotlyjs
+
+    esc = html.escape
+    body: list[str] = [f"<h1>{esc(title)}</h1>"]
+
+    def block(b: Block) -> str:
+        if isinstance(b, Text):
+            return f"<p>{esc(b.text)}</p>"
+        if isinstance(b, Table):
+            cap = f"<caption>{esc(b.caption)}</caption>" if b.caption else ""
+            head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in b.rows
+            )
+            return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        if isinstance(b, Figure):
+            fig = figures[b.analysis_id]
+            div = fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=f"figure-{b.analysis_id}",
+                config={"displaylogo": False, "responsive": True},
+            )
+            return f'<div class="figure">{div}</div>'
+        return f"<pre><code>{esc(b.text)}</code></pre>"
+
+    body += [block(b) for b in intro]
+    for s in sections:
+        body.append(f'<h2 id="{esc(s.anchor)}">{esc(s.title)}</h2>')
+        body += [block(b) for b in s.blocks]
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{esc(title)}</title><style>{_CSS}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head>\n<body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
+    from mechdelta.results import BothDirections, SweepResult
+
+    m = ctx.run.manifest
+    exp = m["config"]
+    models = m["models"]
+    blocks: list[Block] = []
+    if exp.get("description"):
+        blocks.append(Text(exp["description"]))
+    blocks.append(
+        Text(
+            f"Reference: {models['reference']['name']}. Intervened: {models['intervened']['name']}. "
+            f"Task: {m['task']['name']} ({m['task']['metric']}, {m['task']['n_prompts']} prompts)."
+        )
+    )
+    shift = next((r for r in results.values() if type(r).__name__ == "ShiftResult"), None)
+    if shift is None:
+        shift = next((r.shift for r in results.values() if hasattr(r, "shift")), None)
+    if shift is not None:
+        blocks.append(Text(_shift_sentence(shift, ctx.level)))
+    for analysis_id, r in results.items():
+        sweeps = list(r) if isinstance(r, BothDirections) else [r]
+        if not all(isinstance(s, SweepResult) for s in sweeps):
+            continue
+        best = top_sites_table(r, 3)
+        if best.rows:
+            cols = 2 if len(sweeps) == 1 else 3  # single direction: drop the patched metric
+            tops = "; ".join(f"{row[0]} ({', '.join(row[1:cols])})" for row in best.rows)
+            blocks.append(
+                Text(f"Most localised in {analysis_id}: {tops} (fraction of the shift [CI]).")
+            )
+    return blocks
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into a complete run directory; returns both paths.
+
+    Raises :class:`~mechdelta.errors.RunError` for partial or corrupt run directories.
+    """
+    run = StoredRun.open(run_dir)
+    run.require_complete()
+    exp = run.experiment
+    results = {i: run.load(i) for i in run.ids}
+    ctx = ReportContext(run, exp.output.top_k, results)
+    sections: list[Section] = []
+    for spec in exp.analyses:
+        fn = _SECTIONS.get(spec.kind)
+        if fn is None:
+            sections.append(
+                Section(spec.id, (Text(f"(no report section for kind {spec.kind!r})"),), spec.id)
+            )
+            continue
+        section = fn(ctx, spec.id, results[spec.id])
+        if spec.name is not None or sum(a.kind == spec.kind for a in exp.analyses) > 1:
+            section = Section(f"{section.title} ({spec.id})", section.blocks, section.anchor)
+        sections.append(section)
+    sections.append(_provenance_section(ctx))
+    title = f"Transition report: {exp.name}"
+    intro = _summary(ctx, results)
+    figures = {i: r.figure() for i, r in results.items()}
+    md_path, html_path = run.path / "report.md", run.path / "report.html"
+    atomic_write_text(md_path, _render_md(run, title, intro, sections))
+    atomic_write_text(html_path, _render_html(run, title, intro, sections, figures))
+    return md_path, html_path
