@@ -14,14 +14,13 @@ Times are the best of ``--repeats`` runs of each side (noise on a shared CPU is 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import io
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws its own bars
 
 
 def word_tokenizer(vocab: int) -> Any:
@@ -162,7 +161,8 @@ def compare(pair: Any, tokens: torch.Tensor, mode: str, args: argparse.Namespace
 
     def run_tl() -> torch.Tensor:
         _, cache = pair.reference.run_with_cache(dev_tokens)
-        return tl_fn(pair.intervened, dev_tokens, cache, metric).cpu()
+        with contextlib.redirect_stderr(io.StringIO()):  # TL's loop draws a progress bar
+            return tl_fn(pair.intervened, dev_tokens, cache, metric).cpu()
 
     def run_md(prefix: bool = True) -> torch.Tensor:
         res = md.sweep(
