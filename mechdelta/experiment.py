@@ -9,7 +9,8 @@ into a run directory. Every unknown key is an error naming the key and the keys 
     description = "Where did fine-tuning change in-context copying?"
 
     [pair]                       # exactly one source
-    zoo = "induction"            # or: builtin = "tiny"
+    zoo = "induction"            # (zoo_path = DIR: an entry built by `mechdelta zoo build`)
+                                 # or: builtin = "tiny"
                                  # or: reference = "path/or/hub-id", intervened = "...",
                                  #     processing = "raw", dtype = "float32", device = "cpu"
 
@@ -192,6 +193,7 @@ class PairSpec:
     """Where the two models come from: a zoo entry, a built-in pair, or two checkpoints."""
 
     zoo: str | None = None
+    zoo_path: str | None = None
     builtin: str | None = None
     reference: str | None = None
     intervened: str | None = None
@@ -202,6 +204,7 @@ class PairSpec:
 
     KEYS = (
         "zoo",
+        "zoo_path",
         "builtin",
         "reference",
         "intervened",
@@ -222,6 +225,10 @@ class PairSpec:
             )
         if (self.reference is None) != (self.intervened is None):
             raise ConfigError("[pair] reference and intervened must be given together")
+        if self.zoo_path is not None and self.zoo is None:
+            raise ConfigError(
+                "[pair] zoo_path (an entry built by `mechdelta zoo build`) needs zoo = NAME"
+            )
         if self.builtin is not None and self.builtin not in BUILTIN_PAIRS:
             raise ConfigError(
                 f"[pair] builtin = {self.builtin!r} is unknown; built-in pairs: {BUILTIN_PAIRS}"

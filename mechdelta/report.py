@@ -500,7 +500,9 @@ def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
             cols = 2 if len(sweeps) == 1 else 3  # single direction: drop the patched metric
             tops = "; ".join(f"{row[0]} ({', '.join(row[1:cols])})" for row in best.rows)
             blocks.append(
-                Text(f"Most localised in {analysis_id}: {tops} (fraction of the shift [CI]).")
+                Text(
+                    f"Largest scores in {analysis_id}: {tops} (fraction of the shift explained [CI])."
+                )
             )
     return blocks
 

@@ -64,7 +64,7 @@ def load_pair(spec: PairSpec) -> tuple[Any, Any]:
         import importlib
 
         zoo: Any = importlib.import_module("mechdelta.zoo")
-        entry = zoo.load(spec.zoo)
+        entry = zoo.load(spec.zoo, spec.zoo_path)
         return entry.pair, entry.task
     if spec.builtin is not None:
         from mechdelta._builtin import tiny_pair

@@ -170,3 +170,13 @@ def test_packaged_demo_parses():
     assert exp.analyses[2].direction == "both"
     with pytest.raises(ConfigError, match="no packaged experiment"):
         Experiment.packaged("nope")
+
+
+def test_examples_parse():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+    assert len(examples) >= 2
+    for path in examples:
+        exp = Experiment.load(path)
+        assert exp.analyses and exp.name == exp.to_dict()["name"]
