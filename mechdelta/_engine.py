@@ -88,7 +88,9 @@ class PatchEngine:
         self.skip_identical = skip_identical
         self.last_run_variants = 0
         self.prefix_reuse = prefix_reuse
-        self.clean_run(sites)
+        self._initial_sites = tuple(sites)
+        if self._initial_sites:  # else the first metric_of / run does it, with its own sites
+            self.clean_run(self._initial_sites)
 
     # --- clean runs ----------------------------------------------------------------------------
 
@@ -184,6 +186,10 @@ class PatchEngine:
         }
 
     def metric_of(self, which: str) -> Float[Tensor, " batch"]:
+        """The clean metric per prompt of ``"reference"`` or ``"intervened"`` (runs both models
+        the first time, caching what the sites given so far read)."""
+        if self.states[which].metric is None:
+            self.clean_run(self._initial_sites)
         m = self.states[which].metric
         assert m is not None
         return m
@@ -393,24 +399,27 @@ class PatchEngine:
         discards the edit, e.g. hooks fired after the HF module consumed the value)."""
         layer = self.shape.n_layers - 1
         rows = slice(0, 1)
-        base = self.inputs.positions[rows]
-        for kind in kinds - state.probed:
+        positions = self.inputs.positions[rows]
+        tokens = self.tokens[rows]
+        todo = kinds - state.probed
+        if not todo:
+            return
+        # The baseline is a run of the same single prompt: logits of a batch-1 run need not be
+        # bitwise equal to the same prompt's logits inside a larger batch.
+        clean = state.runner.logits_at(positions, tokens=tokens)
+        for kind in todo:
             site = Site(
                 kind,
                 0 if kind is Component.EMBED else layer,
                 head=0 if kind.per_head else None,
                 neuron=0 if kind is Component.MLP_NEURON else None,
             )
-            clean = state.logits
-            assert clean is not None
 
             def noise(x: Tensor, hook: Any) -> Tensor:
                 return x + torch.randn_like(x) + 1.0
 
-            got = state.runner.logits_at(
-                base, tokens=self.tokens[rows], hooks=[(site.hook_name, noise)]
-            )
-            if torch.equal(got, clean[rows]):
+            got = state.runner.logits_at(positions, tokens=tokens, hooks=[(site.hook_name, noise)])
+            if torch.equal(got, clean):
                 raise PatchingError(
                     f"writing to {site.hook_name} does not change the {state.name} model's output: "
                     f"this bridge discards edits to {kind.value!r}, so it cannot be patched"
