@@ -21,7 +21,7 @@ from torch import Tensor
 from mechdelta._io import atomic_write_json, load_result, save_result
 from mechdelta.directions import Direction
 from mechdelta.errors import ResultFormatError
-from mechdelta.shift import ShiftResult
+from mechdelta.shift import _MALFORMED, ShiftResult
 from mechdelta.sites import Component, Site
 
 if TYPE_CHECKING:
@@ -123,15 +123,20 @@ class PatchResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PatchResult:
         meta, tensors = load_result(path, "patch")
-        return cls(
-            sites=tuple(Site.parse(s) for s in meta["sites"]),
-            direction=Direction(meta["direction"]),
-            per_prompt=tensors["patched"],
-            ci=(float(meta["ci"][0]), float(meta["ci"][1])),
-            shift=ShiftResult._from(meta["shift"], tensors, "shift."),
-            activation_delta=tuple(meta.get("activation_delta", ())),
-            provenance=meta.get("provenance", {}),
-        )
+        try:
+            return cls(
+                sites=tuple(Site.parse(s) for s in meta["sites"]),
+                direction=Direction(meta["direction"]),
+                per_prompt=tensors["patched"],
+                ci=(float(meta["ci"][0]), float(meta["ci"][1])),
+                shift=ShiftResult._from(meta["shift"], tensors, "shift."),
+                activation_delta=tuple(meta.get("activation_delta", ())),
+                provenance=meta.get("provenance", {}),
+            )
+        except _MALFORMED as exc:
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid patch result: {exc!r}"
+            ) from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,9 +288,11 @@ class SweepResult:
                 tokens=None if meta.get("tokens") is None else tuple(meta["tokens"]),
                 provenance=meta.get("provenance", {}),
             )
-        except (KeyError, ValueError) as exc:
+        except ResultFormatError:
+            raise
+        except _MALFORMED as exc:
             raise ResultFormatError(
-                f"{os.fspath(path)!r} is not a valid sweep result: {exc}"
+                f"{os.fspath(path)!r} is not a valid sweep result: {exc!r}"
             ) from exc
 
 
@@ -352,8 +359,13 @@ class BothDirections(Generic[R]):
             )
         import json
 
-        kind = json.loads(marker.read_text("utf-8")).get("result")
-        loader: Any = {"SweepResult": SweepResult, "PatchResult": PatchResult}.get(kind)
+        try:
+            data = json.loads(marker.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ResultFormatError(f"{os.fspath(marker)!r} is corrupt: {exc}") from exc
+        kind = data.get("result") if isinstance(data, dict) else None
+        loaders: dict[Any, Any] = {"SweepResult": SweepResult, "PatchResult": PatchResult}
+        loader = loaders.get(kind)
         if loader is None:
             raise ResultFormatError(f"{os.fspath(marker)!r} names an unknown result kind {kind!r}")
         return cls(

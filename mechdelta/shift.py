@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechdelta._io import load_result, save_result
-from mechdelta.errors import TaskError
+from mechdelta.errors import ResultFormatError, TaskError
 from mechdelta.stats import Bootstrap, paired_shift_ci
 
 if TYPE_CHECKING:
@@ -30,6 +30,10 @@ __all__ = [
     "factorial",
     "measure_shift",
 ]
+
+
+# What reading a result.json with missing or mistyped fields raises (turned into ResultFormatError).
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 class ShiftNotSignificantWarning(UserWarning):
@@ -141,7 +145,12 @@ class ShiftResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ShiftResult:
         meta, tensors = load_result(path, "shift")
-        return cls._from(meta, tensors)
+        try:
+            return cls._from(meta, tensors)
+        except _MALFORMED as exc:
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid shift result: {exc!r}"
+            ) from exc
 
 
 def make_shift(
@@ -289,13 +298,21 @@ class FactorialResult:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FactorialResult:
         meta, tensors = load_result(path, "factorial")
-        return cls(
-            metric=meta["metric"],
-            cells={k.replace(".", "/"): v for k, v in tensors.items()},
-            interaction_ci=(float(meta["interaction_ci"][0]), float(meta["interaction_ci"][1])),
-            alpha=float(meta["alpha"]),
-            provenance=meta.get("provenance", {}),
-        )
+        try:
+            return cls(
+                metric=meta["metric"],
+                cells={k.replace(".", "/"): v for k, v in tensors.items()},
+                interaction_ci=(
+                    float(meta["interaction_ci"][0]),
+                    float(meta["interaction_ci"][1]),
+                ),
+                alpha=float(meta["alpha"]),
+                provenance=meta.get("provenance", {}),
+            )
+        except _MALFORMED as exc:
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid factorial result: {exc!r}"
+            ) from exc
 
 
 def factorial(
