@@ -6,6 +6,8 @@ import os
 
 import typer
 
+from mechdelta.zoo._cli import zoo_app
+
 app = typer.Typer(
     name="mechdelta",
     help="Comparative mechanistic interpretability: why did the model change?",
@@ -35,6 +37,9 @@ def version() -> None:
     from mechdelta import __version__
 
     typer.echo(__version__)
+
+
+app.add_typer(zoo_app, name="zoo")
 
 
 def main() -> None:
