@@ -178,7 +178,10 @@ class SweepResult:
     @property
     def scores(self) -> Float[Tensor, "*grid"]:
         """Fraction of the shift explained per site (see :class:`~mechdelta.Direction`)."""
-        return fraction_explained(self.direction, self.shift, self.patched).float()
+        # From the double-precision means (not the float32 ``patched``), so a site whose patch
+        # leaves every prompt's metric unchanged scores exactly 0.
+        means = self.per_prompt.double().mean(-1)
+        return fraction_explained(self.direction, self.shift, means).float()
 
     @property
     def sites(self) -> list[Site]:
