@@ -1,0 +1,66 @@
+"""Figures of mechdelta results: pure functions ``result -> plotly.graph_objects.Figure``.
+
+Every figure is built from a stored result alone (no model), sets its own template
+(``plotly_white``; the global plotly default is never touched) and is deterministic: the same
+result gives the same ``fig.to_json()``. Patching scores use a diverging scale centred at 0 with a
+symmetric range, so white means "explains none of the shift" in every figure. Export (HTML, PNG,
+SVG, PDF) lives in :mod:`mechdelta.plotting._export`; everything is re-exported here.
+"""
+
+from __future__ import annotations
+
+from mechdelta.plotting._attention import (
+    attention_figure,
+    attention_figure_from_patterns,
+    attention_patterns,
+)
+from mechdelta.plotting._behaviour import (
+    factorial_figure,
+    shift_figure,
+)
+from mechdelta.plotting._export import (
+    FigureWriter,
+    figure_size,
+    find_browser,
+    to_html,
+    write_figure,
+)
+from mechdelta.plotting._patch import (
+    both_directions_figure,
+    patch_figure,
+)
+from mechdelta.plotting._style import (
+    COLOURS,
+    EPS,
+    SCORE_SCALE,
+    TEMPLATE,
+    position_labels,
+)
+from mechdelta.plotting._sweep import (
+    sweep_figure,
+)
+from mechdelta.plotting._weights import (
+    weight_diff_figure,
+)
+
+__all__ = [
+    "COLOURS",
+    "EPS",
+    "SCORE_SCALE",
+    "TEMPLATE",
+    "FigureWriter",
+    "attention_figure",
+    "attention_figure_from_patterns",
+    "attention_patterns",
+    "both_directions_figure",
+    "factorial_figure",
+    "figure_size",
+    "find_browser",
+    "patch_figure",
+    "position_labels",
+    "shift_figure",
+    "sweep_figure",
+    "to_html",
+    "weight_diff_figure",
+    "write_figure",
+]

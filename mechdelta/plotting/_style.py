@@ -1,0 +1,100 @@
+"""Shared style and label helpers of mechdelta's figures (no global plotly state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from mechdelta.directions import Direction
+from mechdelta.shift import ShiftResult
+
+TEMPLATE = "plotly_white"
+SCORE_SCALE = "RdBu"  # positive scores blue, negative red, zero white
+EPS = 1e-6
+COLOURS = {"reference": "#4477AA", "intervened": "#CC6677", "patched": "#228833"}
+_GREY = "rgba(120,120,120,0.35)"
+_TEXT_CELLS = 150
+_MAX_FACETS = 16  # beyond this many heads/neurons, by-position sweeps stack rows in one panel  # print values in heatmap cells up to this many cells per panel
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+
+def _nested(a: np.ndarray) -> list[Any]:
+    """Nested lists of Python floats, None where not finite (JSON-clean, no NaN)."""
+    out = np.asarray(a, dtype=np.float64).astype(object)
+    out[~np.isfinite(np.asarray(a, dtype=np.float64))] = None
+    result: list[Any] = out.tolist()
+    return result
+
+
+def _sym_max(*arrays: Any) -> float:
+    vals = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+    allv = np.concatenate(vals) if vals else np.zeros(0)
+    allv = np.abs(allv[np.isfinite(allv)])
+    return max(float(allv.max()) if allv.size else 0.0, EPS)
+
+
+def _jitter(n: int, width: float = 0.24) -> np.ndarray:
+    """Deterministic, evenly spread offsets (golden-ratio sequence) in [-width/2, width/2)."""
+    return ((np.arange(n) * 0.6180339887498949) % 1.0 - 0.5) * width
+
+
+def _direction_label(d: Direction) -> str:
+    return f"{d.source} → {d.target}"
+
+
+def _level(alpha: float) -> int:
+    return round(100 * (1 - alpha))
+
+
+def _shift_line(shift: ShiftResult) -> str:
+    lo, hi = shift.ci
+    return (
+        f"{shift.metric}: reference {shift.reference_mean:.3g} → intervened "
+        f"{shift.intervened_mean:.3g}, shift {shift.shift:+.3g} "
+        f"({_level(shift.alpha)}% CI [{lo:+.3g}, {hi:+.3g}])"
+        + ("" if shift.significant else " — not distinguishable from 0")
+    )
+
+
+def _score_meaning(d: Direction) -> str:
+    if d.toward_reference:
+        return "score: fraction of the shift undone by restoring the site's reference activation"
+    return "score: fraction of the shift carried by the site's intervened activation alone"
+
+
+def _title(main: str, *subs: str) -> dict[str, Any]:
+    text = main + "".join(f"<br><sup>{s}</sup>" for s in subs if s)
+    return {"text": text, "x": 0.01, "xanchor": "left"}
+
+
+def _finish(fig: go.Figure, title: dict[str, Any], height: int, width: int) -> go.Figure:
+    # room for the title's lines and, above the panels, two-line subplot titles
+    sub = max((a.text.count("<br>") + 1 for a in fig.layout.annotations), default=0)
+    top = 50 + 22 * title["text"].count("<br>") + 26 * sub
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        height=int(height + max(0, top - 110)),
+        meta={"export_width": int(min(max(width, 600), 2000))},
+        margin={"t": top, "l": 80, "r": 40, "b": 70},
+        font={"size": 12},
+    )
+    return fig
+
+
+def _clean_token(tok: str) -> str:
+    t = tok.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return t if t.strip() else repr(tok)
+
+
+def position_labels(positions: Sequence[int], tokens: Sequence[str] | None) -> list[str]:
+    """Axis labels ``"3: the"`` (position numbers alone without tokens); always unique."""
+    if tokens is None:
+        return [str(p) for p in positions]
+    return [f"{p}: {_clean_token(tokens[p])}" if p < len(tokens) else str(p) for p in positions]

@@ -1,0 +1,231 @@
+"""Sweep heatmaps and bars: one panel per facet, symmetric diverging colour scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from mechdelta.errors import ResultFormatError
+from mechdelta.plotting._style import (
+    _MAX_FACETS,
+    _TEXT_CELLS,
+    SCORE_SCALE,
+    _direction_label,
+    _finish,
+    _level,
+    _nested,
+    _score_meaning,
+    _shift_line,
+    _sym_max,
+    _title,
+    position_labels,
+)
+from mechdelta.results import SweepResult
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+_AXIS_PREFIX = {"layer": "L", "head": "H", "neuron": "N"}
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One subplot of a sweep: a heatmap (rows = layers) or, for 1-D sweeps, bars."""
+
+    kind: str  # "heatmap" | "bar"
+    z: np.ndarray  # [rows, cols] (heatmap) or [n] (bar)
+    custom: list[Any]
+    x: list[str]
+    y: list[str]
+    xtitle: str
+    ytitle: str
+    title: str = ""
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+
+def _labels(result: SweepResult, dim: str) -> list[str]:
+    if dim == "position":
+        return position_labels(result.coords[dim], result.tokens)
+    return [f"{_AXIS_PREFIX[dim]}{v}" for v in result.coords[dim]]
+
+
+def _custom(result: SweepResult) -> np.ndarray:
+    """Grid of [site, score, ci_low, ci_high, patched, activation_delta] per site (objects)."""
+    grid = result.grid_shape
+    scores = result.scores.double().numpy()
+    ci = result.ci.double().numpy()
+    patched = result.patched.double().numpy()
+    delta = (
+        np.full(grid, np.nan)
+        if result.activation_delta is None
+        else result.activation_delta.double().numpy()
+    )
+    fields = np.stack([scores, ci[..., 0], ci[..., 1], patched, delta], axis=-1)
+    numbers = np.asarray(_nested(fields.reshape(-1, 5)), dtype=object)
+    sites = np.array([str(s) for s in result.sites], dtype=object)[:, None]
+    return np.concatenate([sites, numbers], axis=1).reshape(*grid, 6)
+
+
+def _sweep_panels(result: SweepResult, prefix: str = "") -> list[_Panel]:
+    dims, scores, custom = result.dims, result.scores.double().numpy(), _custom(result)
+    ys = _labels(result, "layer")
+    if dims == ("layer",):
+        ci = result.ci.double().numpy()
+        return [
+            _Panel(
+                "bar", scores, custom.tolist(), ys, [], "layer", "score", prefix, ci[:, 0], ci[:, 1]
+            )
+        ]
+    if len(dims) == 2:
+        return [
+            _Panel(
+                "heatmap", scores, custom.tolist(), _labels(result, dims[1]), ys, dims[1], "layer",
+                prefix,
+            )
+        ]  # fmt: skip
+    if len(dims) == 3 and dims[:2] == ("layer", "position"):
+        xs, facet = _labels(result, "position"), dims[2]
+        sep = " · " if prefix else ""
+        if len(result.coords[facet]) > _MAX_FACETS:  # one heatmap, a row per (layer, head/neuron)
+            rows = [f"{y} {f}" for y in ys for f in _labels(result, facet)]
+            z = scores.transpose(0, 2, 1).reshape(len(rows), len(xs))
+            cd = custom.transpose(0, 2, 1, 3).reshape(len(rows), len(xs), -1).tolist()
+            return [_Panel("heatmap", z, cd, xs, rows, "position", f"layer, {facet}", prefix)]
+        return [
+            _Panel(
+                "heatmap", scores[:, :, k], custom[:, :, k].tolist(), xs, ys, "position", "layer",
+                f"{prefix}{sep}{label}",
+            )
+            for k, label in enumerate(_labels(result, facet))
+        ]  # fmt: skip
+    raise ResultFormatError(f"no figure layout for a sweep over dims {dims}")
+
+
+def _hover(metric: str, level: int) -> str:
+    return (
+        "<b>%{customdata[0]}</b><br>score %{customdata[1]:+.3f}"
+        f"<br>{level}% CI [%{{customdata[2]:+.3f}}, %{{customdata[3]:+.3f}}]"
+        f"<br>patched {metric} %{{customdata[4]:.4g}}"
+        "<br>activation Δ %{customdata[5]:.3g}<extra></extra>"
+    )
+
+
+def _add_panel(
+    fig: go.Figure, p: _Panel, at: tuple[int, int, bool], m: float, hover: str, first: bool
+) -> None:
+    row, col, bottom = at
+    xtitle = p.xtitle if bottom else None
+    if p.kind == "bar":
+        assert p.lo is not None and p.hi is not None
+        fig.add_trace(
+            go.Bar(
+                x=p.x,
+                y=_nested(p.z),
+                customdata=p.custom,
+                hovertemplate=hover,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": _nested(p.hi - p.z),
+                    "arrayminus": _nested(p.z - p.lo),
+                    "color": "#444",
+                },
+                marker={
+                    "color": _nested(p.z),
+                    "colorscale": SCORE_SCALE,
+                    "cmin": -m,
+                    "cmax": m,
+                    "cmid": 0.0,
+                    "line": {"color": "#444", "width": 0.5},
+                },
+                showlegend=False,
+            ),
+            row=row,
+            col=col,
+        )
+        fig.add_hline(y=0, line={"color": "#888", "width": 1}, row=row, col=col)
+        fig.update_xaxes(type="category", title_text=xtitle, row=row, col=col)
+        fig.update_yaxes(title_text=p.ytitle if col == 1 else None, row=row, col=col)
+        return
+    small = p.z.size <= _TEXT_CELLS
+    fig.add_trace(
+        go.Heatmap(
+            z=_nested(p.z),
+            x=p.x,
+            y=p.y,
+            customdata=p.custom,
+            hovertemplate=hover,
+            colorscale=SCORE_SCALE,
+            zmid=0.0,
+            zmin=-m,
+            zmax=m,
+            showscale=first,
+            colorbar={"title": {"text": "score"}, "len": 0.8},
+            texttemplate="%{z:.2f}" if small else None,
+            textfont={"size": 10} if small else None,
+            xgap=1,
+            ygap=1,
+        ),
+        row=row,
+        col=col,
+    )
+    dense = {"dtick": 1} if len(p.x) <= 64 else {}
+    fig.update_xaxes(type="category", title_text=xtitle, row=row, col=col, **dense)
+    fig.update_yaxes(
+        type="category",
+        autorange="reversed",
+        title_text=p.ytitle if col == 1 else None,
+        row=row,
+        col=col,
+        **({"dtick": 1} if len(p.y) <= 64 else {}),
+    )
+
+
+def _panel_figure(grid: list[list[_Panel]], m: float, hover: str) -> tuple[go.Figure, int, int]:
+    """Panels on a grid of subplots; returns the figure and its suggested height and width."""
+    nrows, ncols = len(grid), max(len(r) for r in grid)
+    titles = [p.title for r in grid for p in r]
+    p0 = grid[0][0]
+    if p0.kind == "bar":
+        panel_h, panel_w, ticks = 300, max(300, 40 * len(p0.x)), 30
+    else:
+        panel_h = max(120, 26 * len(p0.y))
+        panel_w = max(260, (30 if len(p0.x) <= 40 else 14) * len(p0.x))
+        longest = max(len(x) for x in p0.x)
+        ticks = min(150, 15 + 6 * longest) if p0.xtitle == "position" else 30
+    gap = ticks + (34 if any(titles) else 10)
+    plot_h = nrows * panel_h + (nrows - 1) * gap
+    fig = make_subplots(
+        rows=nrows,
+        cols=ncols,
+        subplot_titles=titles if any(titles) else None,
+        shared_yaxes=True,
+        horizontal_spacing=0.06 if ncols < 4 else 0.04,
+        vertical_spacing=gap / plot_h if nrows > 1 else 0.0,
+    )
+    first = True
+    for i, row in enumerate(grid):
+        for j, panel in enumerate(row):
+            _add_panel(fig, panel, (i + 1, j + 1, i == nrows - 1), m, hover, first)
+            first = False
+    return fig, 110 + plot_h + ticks + 40, 200 + ncols * panel_w
+
+
+def sweep_figure(result: SweepResult) -> go.Figure:
+    """Score per site: a layer x head (x position tokens, x neuron) heatmap, bars per layer for a
+    layer-only sweep, one layer x position heatmap per head for by-position head sweeps."""
+    panels = _sweep_panels(result)
+    ncols = 1 if len(panels) == 1 else min(4, len(panels))
+    grid = [panels[i : i + ncols] for i in range(0, len(panels), ncols)]
+    m = _sym_max(result.scores.double().numpy())
+    fig, h, w = _panel_figure(grid, m, _hover(result.shift.metric, _level(result.shift.alpha)))
+    title = _title(
+        f"{result.component.value} patching, {_direction_label(result.direction)}",
+        _shift_line(result.shift),
+        _score_meaning(result.direction),
+    )
+    return _finish(fig, title, h, w)
