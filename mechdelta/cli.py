@@ -1,8 +1,18 @@
-"""The ``mechdelta`` command line."""
+"""The ``mechdelta`` command line.
+
+Exit codes: 0 success; 1 a mechdelta error (the message on stderr, no traceback); 2 a usage
+error (typer's); 130 interrupted (re-run the same command to resume a run).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +23,19 @@ app = typer.Typer(
     help="Comparative mechanistic interpretability: why did the model change?",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    print(f"warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
 
 
 @app.callback()
@@ -22,13 +44,133 @@ def _root() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@app.command()
-def demo() -> None:
-    """Summarise a built-in offline model pair."""
-    from mechdelta._builtin import tiny_pair
+@contextlib.contextmanager
+def _errors(resume_hint: str | None = None) -> Iterator[None]:
+    """MechDeltaError -> its message on stderr and exit 1; Ctrl-C -> exit 130."""
+    from mechdelta.errors import MechDeltaError
 
-    pair = tiny_pair()
-    typer.echo(pair.summary())
+    try:
+        yield
+    except MechDeltaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted." + (f" {resume_hint}" if resume_hint else ""), err=True)
+        raise typer.Exit(130) from None
+
+
+def _summarise(run_dir: Path, top: int) -> list[str]:
+    """The shift and the top sites of each sweep of a stored run, as text."""
+    from mechdelta.report import top_sites_table
+    from mechdelta.results import BothDirections, SweepResult
+    from mechdelta.rundir import StoredRun
+
+    run = StoredRun.open(run_dir)
+    lines: list[str] = []
+    shift_shown = False
+    for spec in run.experiment.analyses:
+        result = run.load(spec.id, verify=False)
+        if spec.kind == "shift" and not shift_shown:
+            lines.append(f"Shift: {result}")
+            shift_shown = True
+        parts = list(result) if isinstance(result, BothDirections) else [result]
+        if spec.kind == "sweep" and all(isinstance(p, SweepResult) for p in parts):
+            if not shift_shown:
+                lines.append(f"Shift: {parts[0].shift}")
+                shift_shown = True
+            table = top_sites_table(result, top)
+            lines += ["", f"Top sites of {spec.id} ({table.caption}):", table.text()]
+    return lines
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path, typer.Argument(help="The experiment TOML file.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run directory (default: runs/<experiment name>)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing run directory instead of resuming it.")
+    ] = False,
+) -> None:
+    """Run an experiment into a run directory (re-run the same command to resume it)."""
+    from mechdelta.experiment import Experiment
+    from mechdelta.runs import run_experiment
+
+    with _errors("Re-run the same command to resume: complete analyses are kept."):
+        exp = Experiment.load(experiment)
+        out_dir = out if out is not None else Path("runs") / exp.name
+        result = run_experiment(exp, out_dir, quiet=quiet, overwrite=overwrite)
+        lines = _summarise(out_dir, min(5, exp.output.top_k))
+    typer.echo("\n".join(lines))
+    typer.echo(
+        f"\nRun directory: {os.fspath(out_dir)} ({len(result.computed)} analyses computed, "
+        f"{len(result.skipped)} already complete)"
+    )
+    typer.echo(f"Next: mechdelta report {os.fspath(out_dir)}")
+
+
+@app.command()
+def figures(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mechdelta run`.")],
+    format: Annotated[
+        list[str] | None,
+        typer.Option("--format", "-f", help="Formats (repeatable; default: the run's own)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Rebuild every figure of a run from its stored results (no model is loaded)."""
+    from mechdelta.runs import regenerate_figures
+
+    with _errors():
+        written = regenerate_figures(
+            run_dir, formats=tuple(format) if format else None, quiet=quiet
+        )
+    n = sum(len(v) for v in written.values())
+    typer.echo(f"Wrote {n} files for {len(written)} figures in {os.fspath(run_dir / 'figures')}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mechdelta run`.")],
+) -> None:
+    """Write the run's transition report (report.md and a self-contained report.html)."""
+    from mechdelta.report import write_report
+
+    with _errors():
+        md, html = write_report(run_dir)
+    typer.echo(f"Report: {os.fspath(html)}\nMarkdown: {os.fspath(md)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to (re)write.")] = Path(
+        "runs/demo"
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Where did the `induction` zoo pair's behaviour shift? Shift, head sweep, report."""
+    from mechdelta.experiment import Experiment
+    from mechdelta.report import write_report
+    from mechdelta.rundir import StoredRun
+    from mechdelta.runs import run_experiment
+
+    with _errors():
+        exp = Experiment.packaged("demo")
+        result = run_experiment(exp, out, quiet=quiet, overwrite=True)
+        md, html = write_report(out)
+        models = StoredRun.open(out).manifest["models"]
+        lines = [
+            f"mechdelta demo: the {exp.pair.zoo!r} zoo pair",
+            f"  reference   {models['reference']['name']}  [{models['reference']['weights_hash']}]",
+            f"  intervened  {models['intervened']['name']}  [{models['intervened']['weights_hash']}]",
+            *_summarise(out, exp.output.top_k),
+        ]
+    typer.echo("\n".join(lines))
+    typer.echo(f"\nRun directory: {os.fspath(out)} ({len(result.computed)} analyses)")
+    typer.echo(f"Report: {os.fspath(html)} (Markdown: {os.fspath(md)})")
 
 
 @app.command()
@@ -43,4 +185,5 @@ app.add_typer(zoo_app, name="zoo")
 
 
 def main() -> None:
+    warnings.showwarning = _show_warning  # one line per warning, no source excerpt
     app()

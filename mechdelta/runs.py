@@ -427,7 +427,12 @@ def _write_figures(
                     "['html'])."
                 ) from None
             skipped = f"{', '.join(static)} not written: {exc}"
-            _say(quiet, f"note: static figures skipped ({', '.join(static)}): no browser found")
+            _say(  # shown even when quiet: an output the experiment asked for is missing
+                False,
+                f"note: static figures skipped ({', '.join(static)}): no browser found; HTML "
+                "figures written. Install Chromium (bash scripts/setup.sh) and run `mechdelta "
+                f"figures {os.fspath(run.path)}` for them.",
+            )
             fmts = tuple(f for f in fmts if f not in static)
     written: dict[str, dict[str, Path]] = {}
     (run.path / FIGURES).mkdir(parents=True, exist_ok=True)
