@@ -1,0 +1,120 @@
+"""The example notebooks: stripped of outputs in git, in sync with notebooks/_build.py, and
+executing end to end (offline, in a temporary working directory, warnings as errors)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NAMES = ("01_quickstart.ipynb", "02_reproducible_figures.ipynb")
+
+# Prepended to each notebook when executed here: warnings raised by mechdelta, torch,
+# TransformerLens or plotly fail the cell; the Jupyter machinery's own deprecation notices do not.
+WARNINGS_CELL = """\
+import warnings
+warnings.simplefilter("error")
+for _m in ("jupyter_client", "ipykernel", "IPython", "zmq", "tornado", "traitlets", "comm", "debugpy"):
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=_m)
+    warnings.filterwarnings("ignore", category=PendingDeprecationWarning, module=_m)
+"""
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("_nb_build", NOTEBOOK_DIR / "_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_stripped(text: str, where: str) -> None:
+    nb = json.loads(text)
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{where} cell {i} has outputs"
+            assert cell.get("execution_count") is None, f"{where} cell {i} has an execution_count"
+
+
+def _git_versions(path: Path) -> list[tuple[str, str]]:
+    """The notebook as committed (HEAD) and as staged (index), where git knows it."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        return []
+    rel = path.relative_to(ROOT).as_posix()
+    out = []
+    for rev in (f"HEAD:{rel}", f":{rel}"):
+        proc = subprocess.run(
+            [git, "show", rev], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        if proc.returncode == 0:
+            out.append((rev, proc.stdout))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_stripped_and_matches_its_source(name):
+    path = NOTEBOOK_DIR / name
+    text = path.read_text("utf-8")
+    _assert_stripped(text, name)
+    for rev, committed in _git_versions(path):
+        _assert_stripped(committed, rev)
+    assert text == _build_module().render(name), (
+        f"{name} differs from notebooks/_build.py: run .venv/bin/python notebooks/_build.py"
+    )
+
+
+@pytest.fixture
+def venv_kernel(tmp_path, monkeypatch):
+    """A "python3" kernelspec running this interpreter, found first on JUPYTER_PATH, so the
+    notebooks run in the venv under test whatever kernels the user has installed."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (mechdelta tests)",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return "python3"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_executes(name, tmp_path, venv_kernel):
+    from nbclient import NotebookClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(WARNINGS_CELL))
+    client = NotebookClient(
+        nb,
+        kernel_name=venv_kernel,
+        timeout=300,
+        allow_errors=False,
+        resources={"metadata": {"path": str(work)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "Traceback" not in streams
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figures, "the notebook should show plotly figures inline"
+    if name.startswith("02"):
+        assert (work / "runs" / "notebook" / "manifest.json").is_file()
+        assert (work / "runs" / "notebook" / "report.html").is_file()
+        assert "figures rebuilt; figure JSON identical" in streams
