@@ -12,7 +12,9 @@ import torch
 
 from tests import _builders
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: on the 2-core machines a d_model-64 forward measured 6-20x slower with torch's 2
+# threads than with 1 (threading overhead, no gain), so the whole suite runs on one thread.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +55,3 @@ def hf_pairs(hf_checkpoints, hf_checkpoints_seed1):
         family: ModelPair.load(hf_checkpoints[family], hf_checkpoints_seed1[family], device="cpu")
         for family in _builders.FAMILIES
     }
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Run a module's tiny models on one thread: on the 2-core machines, a d_model-64 forward
-    measured 6-20x slower with torch's 2 threads than with 1 (threading overhead, no gain)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

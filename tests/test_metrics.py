@@ -14,8 +14,6 @@ from mechdelta.metrics import resolve_metric
 from tests import _builders
 from tests._reference import N_BOOT, contrast_answers, pad, perturb_matching
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 LOGITS = torch.tensor([[[1.0, 2.0, 3.0, 0.0]], [[0.0, -1.0, 5.0, 2.0]]])  # [batch 2, k 1, vocab 4]
 ANSWERS = torch.tensor([2, 0])
 WRONG = torch.tensor([1, 3])

@@ -20,8 +20,6 @@ from tests._reference import (
     random_tokens,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 TOL = 1e-5
 R2I, I2R = Direction.REFERENCE_TO_INTERVENED, Direction.INTERVENED_TO_REFERENCE
 

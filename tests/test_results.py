@@ -22,8 +22,6 @@ from mechdelta import (
 from tests import _builders
 from tests._reference import N_BOOT, contrast_task, perturb_matching, random_tokens
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def results():

@@ -13,8 +13,6 @@ from mechdelta import ShiftNotSignificantWarning, Task, TaskError
 from tests import _builders
 from tests._reference import N_BOOT, contrast_answers, last_logits, logit_diff, perturb_matching
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def pair():

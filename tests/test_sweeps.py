@@ -23,8 +23,6 @@ from tests._reference import (
     tl_metric,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 FAMILIES = ("native", *_builders.FAMILIES)
 TOL = 1e-5
 

@@ -10,8 +10,6 @@ from mechdelta import MetricError, Task, TaskError
 from tests import _builders
 from tests._reference import N_BOOT, contrast_answers, perturb_matching
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 N_CTX, VOCAB = 16, 50
 
 
