@@ -46,19 +46,26 @@ into a run directory. Every unknown key is an error naming the key and the keys 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
-from mechdelta.directions import Direction
+from mechdelta._config import (
+    check_bool,
+    check_int,
+    check_keys,
+    check_prompts,
+    check_str,
+    check_table,
+    check_tokens,
+    jsonable,
+    short_hash,
+)
+from mechdelta.analyses import ANALYSIS_KINDS, KIND_KEYS, AnalysisSpec
 from mechdelta.errors import ConfigError, MechDeltaError
-from mechdelta.sites import Component, Site
 
 __all__ = [
     "ANALYSIS_KINDS",
@@ -68,121 +75,12 @@ __all__ = [
     "PairSpec",
     "RunSpec",
     "TaskSpec",
+    "short_hash",
 ]
 
 BUILTIN_PAIRS = ("tiny",)
 FIGURE_FORMATS = ("html", "png", "svg", "pdf", "jpeg", "webp")
 STATIC_FORMATS = frozenset({"png", "svg", "pdf", "jpeg", "webp"})
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,79}$")
-
-# Keys an analysis of each kind accepts besides ``kind`` and ``name``.
-_KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "shift": (),
-    "weight_diff": (),
-    "factorial": (),
-    "sweep": (
-        "component",
-        "direction",
-        "per_position",
-        "layers",
-        "heads",
-        "positions",
-        "neurons",
-        "batch_budget",
-    ),
-    "patch": ("sites", "direction", "batch_budget"),
-}
-ANALYSIS_KINDS = tuple(_KIND_KEYS)
-_DIRECTION_SHORT = {
-    Direction.REFERENCE_TO_INTERVENED: "r2i",
-    Direction.INTERVENED_TO_REFERENCE: "i2r",
-    Direction.BOTH: "both",
-}
-
-
-# --- small typed readers ----------------------------------------------------------------------
-
-
-def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}"
-            + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-            + f"; allowed keys: {', '.join(allowed) or '(none)'}"
-        )
-
-
-def _table(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where} must be a table, got {type(value).__name__}")
-    return value
-
-
-def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be >= {minimum}, got {value}")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    return value
-
-
-def _ints(value: Any, where: str) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ConfigError(f"{where} must be a non-empty list of integers, got {value!r}")
-    out = tuple(_int(v, f"{where}[{i}]", minimum=0) for i, v in enumerate(value))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{where} has duplicates: {list(out)}")
-    return out
-
-
-def _token_list(value: Any, where: str) -> tuple[str | int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ConfigError(f"{where} must be a non-empty list (one entry per prompt)")
-    for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ConfigError(f"{where}[{i}] must be a string or a token id, got {v!r}")
-    return tuple(value)
-
-
-def _prompt_list(value: Any, where: str) -> tuple[str | tuple[int, ...], ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ConfigError(
-            f"{where} must be a non-empty list of strings or of token-id lists, got {value!r}"
-        )
-    out: list[str | tuple[int, ...]] = []
-    for i, p in enumerate(value):
-        if isinstance(p, str):
-            out.append(p)
-        elif isinstance(p, Sequence) and p:
-            out.append(tuple(_int(t, f"{where}[{i}][{j}]", minimum=0) for j, t in enumerate(p)))
-        else:
-            raise ConfigError(f"{where}[{i}] must be a string or a non-empty list of token ids")
-    return tuple(out)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def short_hash(obj: Any) -> str:
-    """A short content hash of JSON-able data (canonical: sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -255,15 +153,15 @@ class PairSpec:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> PairSpec:
-        _check_keys(table, cls.KEYS, "[pair]")
+        check_keys(table, cls.KEYS, "[pair]")
         kw: dict[str, Any] = {}
         for key in cls.KEYS:
             if key in table:
                 value = table[key]
                 kw[key] = (
-                    _bool(value, f"[pair] {key}")
+                    check_bool(value, f"[pair] {key}")
                     if key == "allow_identical"
-                    else _str(value, f"[pair] {key}")
+                    else check_str(value, f"[pair] {key}")
                 )
         return cls(**kw)
 
@@ -300,25 +198,25 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> TaskSpec:
-        _check_keys(table, cls.KEYS, "[task]")
+        check_keys(table, cls.KEYS, "[task]")
         if "prompts" not in table:
             raise ConfigError("[task] needs prompts = [...]")
-        kw: dict[str, Any] = {"prompts": _prompt_list(table["prompts"], "[task] prompts")}
+        kw: dict[str, Any] = {"prompts": check_prompts(table["prompts"], "[task] prompts")}
         for key in ("answers", "wrong"):
             if key in table:
-                kw[key] = _token_list(table[key], f"[task] {key}")
+                kw[key] = check_tokens(table[key], f"[task] {key}")
         if "corrupted" in table:
-            kw["corrupted"] = _prompt_list(table["corrupted"], "[task] corrupted")
+            kw["corrupted"] = check_prompts(table["corrupted"], "[task] corrupted")
         if "metric" in table:
-            kw["metric"] = _str(table["metric"], "[task] metric")
+            kw["metric"] = check_str(table["metric"], "[task] metric")
         if "prepend_bos" in table:
-            kw["prepend_bos"] = _bool(table["prepend_bos"], "[task] prepend_bos")
+            kw["prepend_bos"] = check_bool(table["prepend_bos"], "[task] prepend_bos")
         if "name" in table:
-            kw["name"] = _str(table["name"], "[task] name")
+            kw["name"] = check_str(table["name"], "[task] name")
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 
     def build(self) -> Any:
         """The :class:`~mechdelta.Task` this spec describes."""
@@ -349,8 +247,8 @@ class RunSpec:
     KEYS = ("seed", "n_boot", "alpha")
 
     def __post_init__(self) -> None:
-        _int(self.seed, "[run] seed", minimum=0)
-        _int(self.n_boot, "[run] n_boot", minimum=100)
+        check_int(self.seed, "[run] seed", minimum=0)
+        check_int(self.n_boot, "[run] n_boot", minimum=100)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise ConfigError(f"[run] alpha must be a number, got {self.alpha!r}")
         if not 0.0 < float(self.alpha) < 1.0:
@@ -358,7 +256,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> RunSpec:
-        _check_keys(table, cls.KEYS, "[run]")
+        check_keys(table, cls.KEYS, "[run]")
         kw = dict(table)
         if "alpha" in kw and isinstance(kw["alpha"], int) and not isinstance(kw["alpha"], bool):
             kw["alpha"] = float(kw["alpha"])
@@ -386,8 +284,8 @@ class OutputSpec:
             )
         if len(set(self.figures)) != len(self.figures):
             raise ConfigError(f"[output] figures has duplicates: {list(self.figures)}")
-        _bool(self.require_static, "[output] require_static")
-        _int(self.top_k, "[output] top_k", minimum=1)
+        check_bool(self.require_static, "[output] require_static")
+        check_int(self.top_k, "[output] top_k", minimum=1)
 
     @property
     def static(self) -> tuple[str, ...]:
@@ -395,7 +293,7 @@ class OutputSpec:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> OutputSpec:
-        _check_keys(table, cls.KEYS, "[output]")
+        check_keys(table, cls.KEYS, "[output]")
         kw = dict(table)
         if "figures" in kw:
             value = kw["figures"]
@@ -403,7 +301,7 @@ class OutputSpec:
                 raise ConfigError(
                     f"[output] figures must be a list such as ['html'], got {value!r}"
                 )
-            kw["figures"] = tuple(_str(v, "[output] figures[]").lower() for v in value)
+            kw["figures"] = tuple(check_str(v, "[output] figures[]").lower() for v in value)
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -412,155 +310,6 @@ class OutputSpec:
             "require_static": self.require_static,
             "top_k": self.top_k,
         }
-
-
-@dataclass(frozen=True)
-class AnalysisSpec:
-    """One ``[[analyses]]`` entry. Which keys apply depends on ``kind``:
-
-    - ``shift``, ``weight_diff``, ``factorial``: none.
-    - ``sweep``: ``component`` (required), ``direction``, ``per_position``, ``layers``,
-      ``heads``, ``positions``, ``neurons``, ``batch_budget``.
-    - ``patch``: ``sites`` (required, shorthand strings such as ``"L1H2"``), ``direction``,
-      ``batch_budget``.
-
-    ``name`` sets the analysis id; by default it is derived from the kind and the parameters
-    (``batch_budget`` excluded, it does not change results), so ids are stable across runs.
-    """
-
-    kind: str
-    name: str | None = None
-    component: str | None = None
-    direction: str = Direction.REFERENCE_TO_INTERVENED.value
-    per_position: bool = False
-    layers: tuple[int, ...] | None = None
-    heads: tuple[int, ...] | None = None
-    positions: tuple[int, ...] | None = None
-    neurons: tuple[int, ...] | None = None
-    sites: tuple[str, ...] | None = None
-    batch_budget: int | None = None
-    index: int = field(default=0, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        where = self.where
-        if self.kind not in _KIND_KEYS:
-            raise ConfigError(
-                f"{where}: unknown kind {self.kind!r}; choose one of {', '.join(ANALYSIS_KINDS)}"
-            )
-        allowed = set(_KIND_KEYS[self.kind])
-        defaults = {f.name: f.default for f in fields(self)}
-        for key in _ALL_PARAM_KEYS - allowed:
-            if getattr(self, key) != defaults[key]:
-                raise ConfigError(
-                    f"{where}: {key!r} does not apply to kind {self.kind!r}; allowed keys: "
-                    f"{', '.join(('kind', 'name', *_KIND_KEYS[self.kind]))}"
-                )
-        if self.name is not None and not _ID_RE.match(self.name):
-            raise ConfigError(
-                f"{where}: name {self.name!r} must be 1-80 characters of letters, digits and "
-                "'_.+-', starting with a letter or digit (it names a directory)"
-            )
-        try:
-            direction = Direction.coerce(self.direction)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        object.__setattr__(self, "direction", direction.value)
-        if self.kind == "sweep":
-            if self.component is None:
-                raise ConfigError(f"{where}: a sweep needs component = '...' (e.g. 'head_out')")
-            try:
-                object.__setattr__(self, "component", Component.coerce(self.component).value)
-            except MechDeltaError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        if self.kind == "patch":
-            if not self.sites:
-                raise ConfigError(f"{where}: a patch needs sites = ['L1H2', ...]")
-            try:
-                parsed = tuple(str(Site.parse(s)) for s in self.sites)
-            except MechDeltaError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            if len(set(parsed)) != len(parsed):
-                raise ConfigError(f"{where}: sites has duplicates: {list(self.sites)}")
-            object.__setattr__(self, "sites", parsed)
-        if self.batch_budget is not None:
-            _int(self.batch_budget, f"{where} batch_budget", minimum=1)
-
-    @property
-    def where(self) -> str:
-        return f"[[analyses]] #{self.index + 1} ({self.kind})"
-
-    @classmethod
-    def from_dict(cls, table: Mapping[str, Any], index: int = 0) -> AnalysisSpec:
-        if "kind" not in table:
-            raise ConfigError(
-                f"[[analyses]] #{index + 1}: needs kind = one of {', '.join(ANALYSIS_KINDS)}"
-            )
-        kind = table["kind"]
-        if kind not in _KIND_KEYS:
-            raise ConfigError(
-                f"[[analyses]] #{index + 1}: unknown kind {kind!r}; choose one of "
-                f"{', '.join(ANALYSIS_KINDS)}"
-            )
-        where = f"[[analyses]] #{index + 1} ({kind})"
-        _check_keys(table, ("kind", "name", *_KIND_KEYS[kind]), where)
-        kw: dict[str, Any] = {"kind": kind, "index": index}
-        for key, value in table.items():
-            if key in ("kind",):
-                continue
-            if key in ("name", "component", "direction"):
-                kw[key] = _str(value, f"{where} {key}")
-            elif key == "per_position":
-                kw[key] = _bool(value, f"{where} {key}")
-            elif key in ("layers", "heads", "positions", "neurons"):
-                kw[key] = _ints(value, f"{where} {key}")
-            elif key == "batch_budget":
-                kw[key] = _int(value, f"{where} {key}", minimum=1)
-            elif key == "sites":
-                if isinstance(value, str) or not isinstance(value, Sequence):
-                    raise ConfigError(
-                        f"{where} sites must be a list such as ['L1H2'], got {value!r}"
-                    )
-                kw[key] = tuple(_str(s, f"{where} sites[]") for s in value)
-        return cls(**kw)
-
-    def params(self) -> dict[str, Any]:
-        """The kind's parameters that were set (``positions`` implies ``per_position``)."""
-        out: dict[str, Any] = {}
-        for key in _KIND_KEYS[self.kind]:
-            out[key] = _jsonable(getattr(self, key))
-        if self.kind == "sweep" and self.positions is not None:
-            out["per_position"] = True
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, **self.params(), "id": self.id}
-
-    @property
-    def id(self) -> str:
-        """The analysis id: ``name`` if given, else derived from the kind and parameters."""
-        if self.name is not None:
-            return self.name
-        if self.kind in ("shift", "weight_diff", "factorial"):
-            return self.kind
-        short = _DIRECTION_SHORT[Direction(self.direction)]
-        if self.kind == "sweep":
-            stem = f"sweep-{self.component}-{short}"
-            if self.per_position or self.positions is not None:
-                stem += "-pos"
-            restrict = {
-                k: list(v)
-                for k in ("layers", "heads", "positions", "neurons")
-                if (v := getattr(self, k)) is not None
-            }
-            return f"{stem}-{short_hash(restrict)}" if restrict else stem
-        assert self.sites is not None  # validated in __post_init__
-        joined = "+".join(self.sites)
-        if len(joined) <= 48 and _ID_RE.match(f"patch-{joined}"):
-            return f"patch-{joined}-{short}"
-        return f"patch-{len(self.sites)}sites-{short}-{short_hash(list(self.sites))}"
-
-
-_ALL_PARAM_KEYS = frozenset(k for keys in _KIND_KEYS.values() for k in keys)
 
 
 @dataclass(frozen=True)
@@ -608,8 +357,8 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
-        data = _table(data, "the experiment")
-        _check_keys(data, cls.KEYS, "the experiment (top level)")
+        data = check_table(data, "the experiment")
+        check_keys(data, cls.KEYS, "the experiment (top level)")
         if "pair" not in data:
             raise ConfigError("the experiment needs a [pair] table")
         raw = data.get("analyses")
@@ -618,17 +367,17 @@ class Experiment:
         if isinstance(raw, Mapping) or not isinstance(raw, Sequence):
             raise ConfigError("analyses must be an array of tables: write [[analyses]] blocks")
         return cls(
-            pair=PairSpec.from_dict(_table(data["pair"], "[pair]")),
+            pair=PairSpec.from_dict(check_table(data["pair"], "[pair]")),
             task=None
             if data.get("task") is None
-            else TaskSpec.from_dict(_table(data["task"], "[task]")),
+            else TaskSpec.from_dict(check_table(data["task"], "[task]")),
             analyses=tuple(
-                AnalysisSpec.from_dict(_table(a, f"[[analyses]] #{i + 1}"), i)
+                AnalysisSpec.from_dict(check_table(a, f"[[analyses]] #{i + 1}"), i)
                 for i, a in enumerate(raw)
             ),
-            run=RunSpec.from_dict(_table(data.get("run", {}), "[run]")),
-            output=OutputSpec.from_dict(_table(data.get("output", {}), "[output]")),
-            name=_str(data.get("name", "experiment"), "name"),
+            run=RunSpec.from_dict(check_table(data.get("run", {}), "[run]")),
+            output=OutputSpec.from_dict(check_table(data.get("output", {}), "[output]")),
+            name=check_str(data.get("name", "experiment"), "name"),
             description=str(data.get("description", "")),
         )
 
@@ -701,7 +450,7 @@ class Experiment:
             d.pop("task", None)
         analyses = []
         for a in d["analyses"]:
-            keys = ("kind", "name", *_KIND_KEYS.get(a.get("kind", ""), ()))
+            keys = ("kind", "name", *KIND_KEYS.get(a.get("kind", ""), ()))
             entry = {k: a[k] for k in keys if k in a and a[k] is not None}
             if a.get("kind") == "sweep" and not entry.get("per_position", False):
                 entry.pop("per_position", None)
