@@ -23,6 +23,13 @@ _META = "result.json"
 _TENSORS = "tensors.safetensors"
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (mkstemp's temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,6 +75,7 @@ def save_result(
         os.close(fd)
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.chmod(tmp, _file_mode())
             os.replace(tmp, out / _TENSORS)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
