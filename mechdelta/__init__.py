@@ -4,6 +4,7 @@ Explains the *shift* between a reference and an intervened checkpoint of one arc
 patching activations across the two models. This module is the public API.
 """
 
+from mechdelta import plotting, zoo
 from mechdelta._loading import Processing
 from mechdelta._version import __version__
 from mechdelta.directions import Direction
@@ -24,15 +25,20 @@ from mechdelta.errors import (
     PatchingError,
     ProcessingMismatchError,
     ResultFormatError,
+    RunError,
     SiteError,
     TaskError,
     TokenizerMismatchError,
     ZooError,
 )
+from mechdelta.experiment import Experiment
 from mechdelta.metrics import Metric, MetricInputs
 from mechdelta.pair import ModelPair
 from mechdelta.patching import patch
+from mechdelta.report import write_report
 from mechdelta.results import BothDirections, PatchResult, SiteScore, SweepResult
+from mechdelta.rundir import StoredRun
+from mechdelta.runs import RunResult, regenerate_figures, run_experiment
 from mechdelta.shift import (
     FactorialResult,
     ShiftNotSignificantWarning,
@@ -45,6 +51,7 @@ from mechdelta.stats import Bootstrap
 from mechdelta.sweeps import sweep
 from mechdelta.task import PreparedTask, Task
 from mechdelta.weights import WeightDiff, WeightDiffRow
+from mechdelta.zoo import ZooCard, ZooEntry
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -55,6 +62,7 @@ __all__ = [
     "DeviceMismatchError",
     "Direction",
     "DtypeMismatchError",
+    "Experiment",
     "ExportError",
     "FactorialResult",
     "HookMismatchError",
@@ -75,21 +83,31 @@ __all__ = [
     "Processing",
     "ProcessingMismatchError",
     "ResultFormatError",
+    "RunError",
+    "RunResult",
     "ShiftNotSignificantWarning",
     "ShiftResult",
     "Site",
     "SiteError",
     "SiteScore",
+    "StoredRun",
     "SweepResult",
     "Task",
     "TaskError",
     "TokenizerMismatchError",
     "WeightDiff",
     "WeightDiffRow",
+    "ZooCard",
+    "ZooEntry",
     "ZooError",
     "__version__",
     "factorial",
     "measure_shift",
     "patch",
+    "plotting",
+    "regenerate_figures",
+    "run_experiment",
     "sweep",
+    "write_report",
+    "zoo",
 ]

@@ -155,7 +155,7 @@ _PARSE_RE = re.compile(
 )
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, repr=False)
 class Site:
     """One place in the model: ``component`` at ``layer`` (and ``head``, ``position``, ``neuron``).
 
@@ -164,7 +164,7 @@ class Site:
     ``HEAD_PATTERN`` the position is the *query* position.
 
     >>> Site.parse("L1H2")
-    Site(component=<Component.HEAD_OUT: 'head_out'>, layer=1, head=2, position=None, neuron=None)
+    Site('head_out', 1, head=2)
     >>> str(Site("resid_pre", 3, position=5))
     'L3P5.resid_pre'
     """
@@ -321,6 +321,14 @@ class Site:
             out += f"P{self.position}"
         implicit = (self.kind is Component.HEAD_OUT) or (self.kind is Component.MLP_NEURON)
         return out if implicit else f"{out}.{self.kind.value}"
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {name}={getattr(self, name)}"
+            for name in ("head", "position", "neuron")
+            if getattr(self, name) is not None
+        )
+        return f"Site({self.kind.value!r}, {self.layer}{extra})"
 
     def with_position(self, position: int | None) -> Site:
         return Site(self.component, self.layer, self.head, position, self.neuron)

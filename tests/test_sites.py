@@ -140,3 +140,12 @@ def test_sites_are_hashable_values():
     assert {Site.parse("L1H2"), Site("head_out", 1, head=2)} == {Site.parse("L1H2")}
     with pytest.raises(AttributeError):
         Site.parse("L1H2").layer = 3  # type: ignore[misc]
+
+
+def test_repr_is_short_and_evaluable():
+    from mechdelta.sites import Component  # noqa: F401  (eval namespace)
+
+    for site in (Site("head_out", 1, head=2), Site("mlp_neuron", 0, neuron=3, position=4)):
+        text = repr(site)
+        assert text.startswith("Site('") and "None" not in text
+        assert eval(text, {"Site": Site}) == site
