@@ -41,6 +41,8 @@ class _ModelState:
     logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
     probed: set[Component] = field(default_factory=set)
     kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values per layer (HF models)
+    prefix_checked: bool = False
+    kv_checked: bool = False
     w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]
 
 
@@ -131,38 +133,53 @@ class PatchEngine:
             assert state.logits is not None
             state.metric = metric(state.logits, self.inputs).cpu()
         self._cached_names = names
-        if self.prefix_reuse:
-            self._check_prefix_reuse()
+        for state in self.states.values():
+            state.prefix_checked = state.kv_checked = False
+            state.kv = None
 
-    def _check_prefix_reuse(self) -> None:
-        """Starting mid-stack from the cached residual must reproduce the clean run; so must
-        starting mid-sequence from the clean KV cache (else position reuse is switched off)."""
+    def _check_prefix_reuse(self, state: _ModelState) -> None:
+        """Starting mid-stack from the cached residual must reproduce the clean run (checked on
+        two prompts from the last block, once per model, before the first patched run uses it)."""
+        if state.prefix_checked:
+            return
+        layer = self.shape.n_layers - 1
+        rows = slice(0, min(2, self.prepared.batch_size))
+        want = state.logits
+        assert want is not None
+        resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
+        got = state.runner.logits_at(self.inputs.positions[rows], resid=resid, start_layer=layer)
+        diff = (got - want[rows]).abs().max().item()
+        if diff > 1e-4 * max(1.0, want.abs().max().item()):
+            raise PatchingError(
+                f"prefix reuse does not reproduce the {state.name} model's clean run "
+                f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
+            )
+        state.prefix_checked = True
+
+    def _key_values(self, state: _ModelState) -> list[tuple[Tensor, Tensor]] | None:
+        """The model's clean KV cache for position reuse, if it keeps one and starting
+        mid-sequence from it reproduces the clean run (checked once per model)."""
+        if state.kv_checked:
+            return state.kv
+        state.kv_checked = True
         layer = self.shape.n_layers - 1
         rows = slice(0, min(2, self.prepared.batch_size))
         positions = self.inputs.positions[rows]
         p0 = int(positions.min())
-        for state in self.states.values():
+        kv = state.runner.key_values(self.tokens) if p0 > 0 else None
+        if kv is not None:
             want = state.logits
             assert want is not None
-            tol = 1e-4 * max(1.0, want.abs().max().item())
-            resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
-            got = state.runner.logits_at(positions, resid=resid, start_layer=layer)
-            diff = (got - want[rows]).abs().max().item()
-            if diff > tol:
-                raise PatchingError(
-                    f"prefix reuse does not reproduce the {state.name} model's clean run "
-                    f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
-                )
-            state.kv = state.runner.key_values(self.tokens) if p0 > 0 else None
-            if state.kv is not None:
-                got = state.runner.logits_at(
-                    positions - p0,
-                    resid=resid[:, p0:],
-                    start_layer=layer,
-                    past_key_values=prefix_cache(state.kv, rows, p0, 1),
-                )
-                if (got - want[rows]).abs().max().item() > tol:
-                    state.kv = None
+            got = state.runner.logits_at(
+                positions - p0,
+                resid=state.cache[f"blocks.{layer}.hook_resid_pre"][rows, p0:],
+                start_layer=layer,
+                past_key_values=prefix_cache(kv, rows, p0, 1),
+            )
+            if (got - want[rows]).abs().max().item() > 1e-4 * max(1.0, want.abs().max().item()):
+                kv = None
+        state.kv = kv
+        return kv
 
     def provenance(self) -> dict[str, Any]:
         """Where a result came from: environment, both models' hashes, the prompts' hash."""
@@ -181,7 +198,9 @@ class PatchEngine:
             "engine": {
                 "batch_budget": self.budget,
                 "prefix_reuse": self.prefix_reuse,
-                "position_reuse": {k: v.kv is not None for k, v in self.states.items()},
+                "position_reuse": {
+                    k: v.kv is not None for k, v in self.states.items() if v.kv_checked
+                },
             },
         }
 
@@ -289,9 +308,11 @@ class PatchEngine:
         # Position reuse: positions before the earliest patched (and read) one are unchanged in
         # every layer, so the run covers positions p0.. only, with the clean KV cache for < p0.
         p0 = 0
-        if start >= 0 and tgt.kv is not None:
+        if start >= 0 and self.prefix_reuse:
+            self._check_prefix_reuse(tgt)
             first = min(self._variant_key(v)[1] for v in variants)
-            p0 = max(0, min(first, int(positions.min())))
+            if first > 0 and int(positions.min()) > 0 and self._key_values(tgt) is not None:
+                p0 = min(first, int(positions.min()))
         hooks, fired, expected = self._build_hooks(src, tgt, rows, variants, p0)
         runner = tgt.runner
         if start < 0:

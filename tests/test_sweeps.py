@@ -162,6 +162,28 @@ def test_sweep_batching_and_prefix_reuse_do_not_change_numbers(setups):
             assert torch.equal(a.ci.isnan(), b.ci.isnan())
 
 
+@pytest.mark.parametrize("family", _builders.FAMILIES)
+@pytest.mark.parametrize("component", ["head_out", "head_pattern", "head_k", "resid_pre"])
+def test_position_reuse_on_hf_models_changes_no_numbers(setups, family, component):
+    """By-position sweeps on HF models start each patched pass at the patched position from the
+    model's clean KV cache; the numbers equal the plain full-sequence path."""
+    pair, _, task, _ = setups[family]
+    fast = _sweep(pair, task, component, per_position=True, batch_budget=8)
+    plain = _sweep(pair, task, component, per_position=True, batch_budget=8, prefix_reuse=False)
+    assert fast.provenance["engine"]["position_reuse"] == {"intervened": True}
+    assert plain.provenance["engine"]["position_reuse"] == {}  # never tried without reuse
+    diff = (fast.per_prompt - plain.per_prompt).abs().max().item()
+    assert diff < TOL, diff
+    # positions after the first carry real effects (the comparison is not vacuous)
+    assert (fast.per_prompt[:, 1:] - fast.shift.intervened).abs().max().item() > 1e-4
+
+
+def test_native_models_have_no_kv_cache_and_fall_back(setups):
+    pair, _, task, _ = setups["native"]
+    result = _sweep(pair, task, "head_z", per_position=True)
+    assert result.provenance["engine"]["position_reuse"] == {"intervened": False}
+
+
 # --- ragged prompts -------------------------------------------------------------------------------
 
 
