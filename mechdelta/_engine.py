@@ -39,8 +39,8 @@ class _ModelState:
     cache: dict[str, Tensor] = field(default_factory=dict)
     metric: Tensor | None = None  # [batch]
     logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
-    probed: set[Component] = field(default_factory=set)
     kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values per layer (HF models)
+    probed: set[Component] = field(default_factory=set)  # hook kinds seen to take edits
     prefix_checked: bool = False
     kv_checked: bool = False
     w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]

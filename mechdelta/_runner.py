@@ -14,6 +14,7 @@ are exact (the engine's tests check them against full forwards per model family)
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from mechdelta.errors import PatchingError
 __all__ = ["CacheHooks", "Hook", "ModelRunner", "prefix_cache"]
 
 Hook = tuple[str, Callable[..., Any]]
+
+
+# What each model's blocks return (learned once per model object, forgotten with it).
+_BLOCK_OUTPUT: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
 class _Stop(Exception):
@@ -46,8 +51,8 @@ class ModelRunner:
     def __post_init__(self) -> None:
         self.n_layers = int(self.model.cfg.n_layers)
         self._last_hook = f"blocks.{self.n_layers - 1}.hook_resid_post"
-        self._block_output: int | None = None  # None: tensor; k: tuple of length k
-        self._recorded = False
+        self._recorded = self.model in _BLOCK_OUTPUT
+        self._block_output = _BLOCK_OUTPUT.get(self.model)  # None: tensor; k: tuple of length k
 
     # --- public --------------------------------------------------------------------------
 
@@ -117,6 +122,7 @@ class ModelRunner:
             handle.remove()
         out = seen[0]
         self._block_output = len(out) if isinstance(out, tuple) else None
+        _BLOCK_OUTPUT[self.model] = self._block_output
         self._recorded = True
 
     # --- internals -----------------------------------------------------------------------

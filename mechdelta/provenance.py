@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import platform
 from importlib import metadata
@@ -15,6 +16,7 @@ from mechdelta._version import __version__
 __all__ = ["environment", "weights_hash"]
 
 
+@functools.cache
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
