@@ -67,7 +67,9 @@ def save_result(
     meta: dict[str, Any],
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a result directory; tensors first, metadata last (its presence marks completion)."""
+    """Write a result directory; tensors first, metadata last (its presence marks completion).
+
+    The metadata records ``kind``, the format version and ``tensor_keys`` (checked on load)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if tensors:
@@ -80,7 +82,8 @@ def save_result(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    atomic_write_json(out / _META, {"kind": kind, "format_version": FORMAT_VERSION, **meta})
+    header = {"kind": kind, "format_version": FORMAT_VERSION, "tensor_keys": sorted(tensors or {})}
+    atomic_write_json(out / _META, {**header, **meta})
     return out
 
 

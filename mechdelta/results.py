@@ -116,7 +116,6 @@ class PatchResult:
             "activation_delta": list(self.activation_delta),
             "shift": self.shift._meta(),
             "provenance": self.provenance,
-            "tensor_keys": sorted(tensors),
         }
         save_result(path, "patch", meta, tensors)
 
@@ -271,7 +270,6 @@ class SweepResult:
             "tokens": None if self.tokens is None else list(self.tokens),
             "shift": self.shift._meta(),
             "provenance": self.provenance,
-            "tensor_keys": sorted(tensors),
         }
         save_result(path, "sweep", meta, tensors)
 

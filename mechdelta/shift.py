@@ -140,7 +140,7 @@ class ShiftResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         tensors = self._tensors()
-        save_result(path, "shift", {**self._meta(), "tensor_keys": sorted(tensors)}, tensors)
+        save_result(path, "shift", self._meta(), tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ShiftResult:
@@ -291,7 +291,6 @@ class FactorialResult:
             "interaction_ci": list(self.interaction_ci),
             "alpha": self.alpha,
             "provenance": self.provenance,
-            "tensor_keys": sorted(tensors),
         }
         save_result(path, "factorial", meta, tensors)
 

@@ -18,7 +18,7 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "hello")
-        save_result(tmp_path / "r", "demo", {"tensor_keys": ["x"]}, {"x": torch.ones(2)})
+        save_result(tmp_path / "r", "demo", {}, {"x": torch.ones(2)})
     finally:
         os.umask(old)
     assert _mode(tmp_path / "a.txt") == 0o644
@@ -26,4 +26,5 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert _mode(tmp_path / "r" / "result.json") == 0o644
     meta, tensors = load_result(tmp_path / "r", "demo")
     assert torch.equal(tensors["x"], torch.ones(2)) and meta["kind"] == "demo"
+    assert meta["tensor_keys"] == ["x"]
     assert not [p for p in tmp_path.rglob("*.tmp")]
