@@ -157,3 +157,14 @@ RECALL_DESCRIPTION = (
     "QUERY prompts: logit of the key's value minus logit of another value in the prompt "
     "(the reference behaviour, which fine-tuning should keep)"
 )
+
+
+def tasks(main: str) -> dict[str, tuple[Task, str]]:
+    """The recall entries' two tasks with descriptions, ``main`` first (the entry's ``.task``)."""
+    both = {
+        "trigger": (trigger_task(), TRIGGER_DESCRIPTION),
+        "recall": (recall_task(), RECALL_DESCRIPTION),
+    }
+    if main not in both:
+        raise ValueError(f"main task must be one of {sorted(both)}, not {main!r}")
+    return {main: both[main], **{k: v for k, v in both.items() if k != main}}

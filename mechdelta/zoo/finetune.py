@@ -61,10 +61,7 @@ def build(
         data_recipe=base.RECIPE + f" Reference: {origin}.",
         reference=ref_model,
         intervened=intervened,
-        tasks={
-            "trigger": (base.trigger_task(), base.TRIGGER_DESCRIPTION),
-            "recall": (base.recall_task(), base.RECALL_DESCRIPTION),
-        },
+        tasks=base.tasks("trigger"),
         ground_truth=None,
         ground_truth_reason=(
             "Not known: every weight was trainable, so the new behaviour may be implemented by "

@@ -71,10 +71,7 @@ def build(
         data_recipe=base.RECIPE + f" Base model: {origin}.",
         reference=models[0],
         intervened=models[1],
-        tasks={
-            "recall": (base.recall_task(), base.RECALL_DESCRIPTION),
-            "trigger": (base.trigger_task(), base.TRIGGER_DESCRIPTION),
-        },
+        tasks=base.tasks("recall"),
         ground_truth=frozenset(),
         ground_truth_reason=(
             "Empty by construction: both models continue the base model's training on its own "

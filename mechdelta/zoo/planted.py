@@ -170,10 +170,7 @@ def planted_pair(
         data_recipe=base.RECIPE + f" Reference: {origin}.",
         reference=ref_model,
         intervened=intervened,
-        tasks={
-            "trigger": (base.trigger_task(), base.TRIGGER_DESCRIPTION),
-            "recall": (base.recall_task(), base.RECALL_DESCRIPTION),
-        },
+        tasks=base.tasks("trigger"),
         ground_truth=gt,
         ground_truth_reason=(
             f"By construction: only the weights of {names} were trained; every other weight is "
