@@ -494,3 +494,22 @@ def test_missing_browser_raises_export_error(
         P.write_figure(fig, tmp_path / "shift", ("svg",))
     with pytest.raises(ExportError, match="unknown figure format"):
         P.write_figure(fig, tmp_path / "shift", ("gif",))
+
+
+def test_choreographer_decode_noise_is_dropped_and_nothing_else():
+    import logging
+
+    from mechdelta.plotting import _export
+
+    _export._kaleido()
+    logger = logging.getLogger("choreographer.channels.pipe")
+    noise = logger.makeRecord(
+        logger.name, logging.ERROR, "x", 1, "JSONError decoding message. Ignoring", (), None
+    )
+    other = logger.makeRecord(
+        logger.name, logging.ERROR, "x", 1, "Error in trying to decode JSON", (), None
+    )
+    assert not logger.filter(noise)
+    assert logger.filter(other)
+    _export._kaleido()  # idempotent: one filter
+    assert sum(isinstance(f, _export._DropIgnoredBrowserNoise) for f in logger.filters) == 1

@@ -15,6 +15,7 @@ Every file is written atomically (temporary file in the same directory, then ren
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -67,7 +68,19 @@ def find_browser() -> str:
     )
 
 
+class _DropIgnoredBrowserNoise(logging.Filter):
+    """choreographer logs a full traceback for a browser message it cannot decode and then
+    ignores (\"JSONError decoding message. Ignoring\"); harmless, but it lands in the middle of
+    the demo's output. Only that record is dropped; every other choreographer log passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "decoding message. Ignoring" not in record.getMessage()
+
+
 def _kaleido() -> Any:
+    logger = logging.getLogger("choreographer.channels.pipe")
+    if not any(isinstance(f, _DropIgnoredBrowserNoise) for f in logger.filters):
+        logger.addFilter(_DropIgnoredBrowserNoise())
     try:
         import kaleido
     except ImportError as exc:  # a hard dependency, but say what to do if it went missing
