@@ -513,3 +513,17 @@ def test_choreographer_decode_noise_is_dropped_and_nothing_else():
     assert logger.filter(other)
     _export._kaleido()  # idempotent: one filter
     assert sum(isinstance(f, _export._DropIgnoredBrowserNoise) for f in logger.filters) == 1
+
+
+def test_the_noise_filter_leaves_choreographers_logger_class_alone():
+    """Regression: creating the logger before kaleido's import made it a plain Logger, and
+    choreographer's `debug2` calls then failed every static export."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from mechdelta.plotting import _export; _export._kaleido(); "
+        "lg = logging.getLogger('choreographer.channels.pipe'); print(hasattr(lg, 'debug2'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out.stderr

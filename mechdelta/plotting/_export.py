@@ -78,15 +78,17 @@ class _DropIgnoredBrowserNoise(logging.Filter):
 
 
 def _kaleido() -> Any:
-    logger = logging.getLogger("choreographer.channels.pipe")
-    if not any(isinstance(f, _DropIgnoredBrowserNoise) for f in logger.filters):
-        logger.addFilter(_DropIgnoredBrowserNoise())
     try:
         import kaleido
     except ImportError as exc:  # a hard dependency, but say what to do if it went missing
         raise MissingDependencyError(
             "static figure export needs kaleido>=1.0: pip install 'kaleido>=1.0'"
         ) from exc
+    # After the import: choreographer's loggers must be created by its own logger class
+    # (logistro's, with extra levels), not by a first plain logging.getLogger here.
+    logger = logging.getLogger("choreographer.channels.pipe")
+    if not any(isinstance(f, _DropIgnoredBrowserNoise) for f in logger.filters):
+        logger.addFilter(_DropIgnoredBrowserNoise())
     return kaleido
 
 
