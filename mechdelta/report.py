@@ -21,6 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from mechdelta._io import atomic_write_text
+from mechdelta._report_blocks import (
+    Block,
+    Code,
+    Figure,
+    Section,
+    Table,
+    Text,
+    render_html,
+    render_md,
+)
 from mechdelta.directions import Direction
 from mechdelta.rundir import StoredRun
 
@@ -34,17 +44,6 @@ __all__ = [
     "top_sites_table",
     "write_report",
 ]
-
-from mechdelta._report_blocks import (
-    Block,
-    Code,
-    Figure,
-    Section,
-    Table,
-    Text,
-    render_html,
-    render_md,
-)
 
 
 @dataclass(frozen=True)
