@@ -437,7 +437,9 @@ class PatchEngine:
             )
 
             def noise(x: Tensor, hook: Any) -> Tensor:
-                return x + torch.randn_like(x) + 1.0
+                # A local generator: the probe must not move the user's global torch RNG.
+                gen = torch.Generator(device=x.device).manual_seed(0)
+                return x + torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) + 1
 
             got = state.runner.logits_at(positions, tokens=tokens, hooks=[(site.hook_name, noise)])
             if torch.equal(got, clean):

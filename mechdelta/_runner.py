@@ -35,6 +35,9 @@ Hook = tuple[str, Callable[..., Any]]
 _BLOCK_OUTPUT: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
+_MISSING = object()
+
+
 class _Stop(Exception):
     def __init__(self, resid: Tensor) -> None:
         super().__init__("stop")
@@ -151,13 +154,19 @@ class ModelRunner:
             return x if n_out is None else (x, *([None] * (n_out - 1)))
 
         blocks = [self.model.blocks[i] for i in range(start_layer)]
+        # A block may already carry an instance-level forward (e.g. accelerate's hooks): restore
+        # whatever was there, not just delete ours.
+        before = [block.__dict__.get("forward", _MISSING) for block in blocks]
         for block in blocks:
             block.__dict__["forward"] = identity  # the bridge's __setattr__ swallows plain sets
         try:
             yield
         finally:
-            for block in blocks:
-                block.__dict__.pop("forward", None)
+            for block, old in zip(blocks, before, strict=True):
+                if old is _MISSING:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.__dict__["forward"] = old
 
     def key_values(self, tokens: Int[Tensor, "batch pos"]) -> list[tuple[Tensor, Tensor]] | None:
         """Per-layer (keys, values) ``[batch, kv_head, pos, d_head]`` of a clean run, from the HF

@@ -41,6 +41,7 @@ def patch(
     alpha: float = 0.05,
     seed: int = 0,
     batch_budget: int | None = None,
+    prefix_reuse: bool = True,
 ) -> PatchResult | BothDirections[PatchResult]:
     """Splice the source model's activations at every site in ``sites`` *jointly* into the
     target model's run and measure the task's metric.
@@ -50,10 +51,17 @@ def patch(
     activations into the reference model (fraction of the shift carried); ``"both"`` returns a
     :class:`~mechdelta.results.BothDirections`. What each component's splice carries across the two
     models is documented on :class:`~mechdelta.Component`.
+
+    Sites at a fixed position need prompts of one token length (position p must be the same
+    token in every prompt). ``prefix_reuse`` as in :func:`~mechdelta.sweep`.
     """
     chosen = as_sites(sites)
     d = Direction.coerce(direction)
-    engine = PatchEngine(pair, task, sites=chosen, batch_budget=batch_budget)
+    engine = PatchEngine(
+        pair, task, sites=chosen, batch_budget=batch_budget, prefix_reuse=prefix_reuse
+    )
+    if any(site.position is not None for site in chosen):
+        engine.prepared.require_aligned("a patch at a fixed position")
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
     results = []

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mechdelta._io import atomic_write_json, load_result, save_result
 from mechdelta.directions import Direction
-from mechdelta.errors import ResultFormatError
+from mechdelta.errors import ConfigError, ResultFormatError
 from mechdelta.shift import _MALFORMED, ShiftResult
 from mechdelta.sites import Component, Site
 
@@ -200,7 +200,10 @@ class SweepResult:
         )
 
     def top(self, k: int = 10, *, by: str = "abs") -> list[SiteScore]:
-        """The ``k`` sites with the largest score (``by="abs"``: largest magnitude)."""
+        """The ``k`` sites with the largest score (``by="abs"``: largest magnitude, ``"signed"``:
+        largest signed score)."""
+        if by not in ("abs", "signed"):
+            raise ConfigError(f"top(by={by!r}): use 'abs' (largest magnitude) or 'signed'")
         flat = self.scores.flatten()
         key = flat.abs() if by == "abs" else flat
         key = torch.nan_to_num(key, nan=-float("inf"))

@@ -183,8 +183,11 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                 if "position" in dims:
                     prepared.require_aligned("a by-position sweep")
             if spec.kind == "patch":
-                for s in spec.sites or ():
-                    Site.parse(s).validate(pair.shape, prepared.seq_len)
+                sites = [Site.parse(s) for s in spec.sites or ()]
+                for site in sites:
+                    site.validate(pair.shape, prepared.seq_len)
+                if any(site.position is not None for site in sites):
+                    prepared.require_aligned("a patch at a fixed position")
         except MechDeltaError as exc:
             raise ConfigError(f"{spec.where} cannot run on this pair and task: {exc}") from None
 

@@ -119,7 +119,7 @@ class Task:
             scored = real & (ar[None, :] >= 1)
         else:
             mask = torch.as_tensor(self.loss_mask, dtype=torch.bool)
-            if mask.shape[0] != batch or mask.dim() != 2 or mask.shape[1] < pos:
+            if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < pos:
                 raise TaskError(
                     f"loss_mask has shape {tuple(mask.shape)}; it must be [batch={batch}, "
                     f"pos>={pos}] (one flag per prompt token)"

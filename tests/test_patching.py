@@ -333,3 +333,34 @@ def test_a_bridge_that_discards_edits_is_an_error(twin, tokens, monkeypatch, n_p
     monkeypatch.setitem(pair.intervened.__dict__, "run_with_hooks", discarding)
     with pytest.raises(PatchingError, match="discards edits to 'mlp_out'"):
         _sweep(pair, task, Component.MLP_OUT)
+
+
+def test_a_fixed_position_patch_on_ragged_prompts_is_refused(twin):
+    """Position p is a different token in prompts of different lengths (or padding): refuse."""
+    pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))
+    task = contrast_task(pair, [[1, 2, 3, 4, 5, 6], [7, 8, 9]])
+    with pytest.raises(md.TaskError, match="a patch at a fixed position"):
+        md.patch(pair, task, "L1H0P4", n_boot=N_BOOT)
+    md.patch(pair, task, "L1H0", n_boot=N_BOOT)  # all positions: fine on ragged prompts
+
+
+def test_patching_leaves_the_global_torch_rng_alone(twin, tokens):
+    pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))
+    task = contrast_task(pair, tokens)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    md.patch(pair, task, ["L1H0", "L0.mlp_out"], n_boot=N_BOOT)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_prefix_reuse_restores_a_blocks_own_instance_forward(twin, tokens):
+    pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))
+    block = pair.intervened.blocks[0]
+    marker = block.forward  # a bound method, stored as an instance attribute like accelerate does
+    block.__dict__["forward"] = marker
+    try:
+        md.patch(pair, contrast_task(pair, tokens), "L2H1", n_boot=N_BOOT)
+        assert block.__dict__.get("forward") is marker
+    finally:
+        block.__dict__.pop("forward", None)

@@ -301,8 +301,10 @@ def test_top_k_orders_sites_by_score(results):
         assert row.score == scores[i].item()
         assert row.patched == one.patched.flatten()[i].item()
         assert row.ci == tuple(one.ci.reshape(-1, 2)[i].tolist())
-    signed = [s.score for s in one.top(24, by="score")]
+    signed = [s.score for s in one.top(24, by="signed")]
     assert signed == sorted(signed, reverse=True)
+    with pytest.raises(md.ConfigError, match="use 'abs'"):
+        one.top(3, by="absolute")
     assert len(one.top(100)) == 24
     assert str(top[0].site) in str(one)
 
