@@ -81,6 +81,16 @@ class AnalysisSpec:
     batch_budget: int | None = None
     index: int = field(default=0, compare=False, repr=False)
 
+    def grid(self) -> dict[str, Any]:
+        """The sweep grid's keyword arguments (for :func:`~mechdelta.sweep` and its pre-flight)."""
+        return {
+            "per_position": self.per_position,
+            "layers": self.layers,
+            "heads": self.heads,
+            "positions": self.positions,
+            "neurons": self.neurons,
+        }
+
     def __post_init__(self) -> None:
         where = self.where
         if self.kind not in KIND_KEYS:

@@ -115,11 +115,7 @@ def _run_sweep(ctx: _Context, spec: AnalysisSpec) -> Any:
         ctx.task,
         spec.component,
         spec.direction,
-        per_position=spec.per_position,
-        heads=spec.heads,
-        layers=spec.layers,
-        positions=spec.positions,
-        neurons=spec.neurons,
+        **spec.grid(),
         batch_budget=spec.batch_budget,
         progress=ctx.progress,
         **ctx.boot,
@@ -174,11 +170,7 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                     spec.component,
                     pair.shape,
                     prepared.seq_len,
-                    per_position=spec.per_position,
-                    layers=spec.layers,
-                    heads=spec.heads,
-                    positions=spec.positions,
-                    neurons=spec.neurons,
+                    **spec.grid(),
                 )
                 if "position" in dims:
                     prepared.require_aligned("a by-position sweep")
