@@ -99,8 +99,9 @@ def sweep(
         direction: ``"reference->intervened"``, ``"intervened->reference"`` or ``"both"``.
         per_position: one site per position too (needs prompts of one token length).
         heads, layers, positions, neurons: restrict the grid (default: all).
-        batch_budget: most rows (patched variants x prompts) per forward pass; bounds peak memory.
-            Default 64.
+        batch_budget: most rows (patched variants x prompts) per forward pass; bounds the peak
+            memory of the patched passes. Default 64. The clean runs' caches (each block's
+            residual input plus the hooks the grid reads, for both models) come on top.
         n_boot, alpha, seed: bootstrap over prompts for the confidence intervals.
         progress: show a progress bar (default: on a terminal, for sweeps of more than 4 passes).
         prefix_reuse: start each patched pass at the patched layer from the cached residual
