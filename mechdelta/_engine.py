@@ -101,6 +101,9 @@ class PatchEngine:
         names = {f"blocks.{layer}.hook_resid_pre" for layer in range(self.shape.n_layers)}
         for site in sites:
             site.validate(self.shape, self.prepared.seq_len)
+            if site.position is not None:
+                # position p must be the same token in every prompt (not padding in some)
+                self.prepared.require_aligned(f"a patch at a fixed position ({site})")
             names.add(site.read_hook_name)
             names.add(site.hook_name)
         if names <= self._cached_names and self.states["reference"].metric is not None:
@@ -188,13 +191,7 @@ class PatchEngine:
         return {
             **environment(),
             "models": self.pair.provenance_models(),
-            "task": {
-                "name": self.prepared.task.name,
-                "metric": self.prepared.metric.name,
-                "n_prompts": self.prepared.batch_size,
-                "seq_len": self.prepared.seq_len,
-                "prompt_hash": self.prepared.prompt_hash(),
-            },
+            "task": self.prepared.info(),
             "engine": {
                 "batch_budget": self.budget,
                 "prefix_reuse": self.prefix_reuse,

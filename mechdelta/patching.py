@@ -60,8 +60,6 @@ def patch(
     engine = PatchEngine(
         pair, task, sites=chosen, batch_budget=batch_budget, prefix_reuse=prefix_reuse
     )
-    if any(site.position is not None for site in chosen):
-        engine.prepared.require_aligned("a patch at a fixed position")
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
     results = []

@@ -301,13 +301,7 @@ def run_experiment(
         pair.tokenizer, n_ctx=int(pair.cfg.n_ctx), d_vocab=int(pair.cfg.d_vocab)
     )
     models = pair.provenance_models()
-    task_info = {
-        "name": prepared.task.name,
-        "metric": prepared.metric.name,
-        "n_prompts": prepared.batch_size,
-        "seq_len": prepared.seq_len,
-        "prompt_hash": prepared.prompt_hash(),
-    }
+    task_info = prepared.info()
     load_s = time.perf_counter() - t0
     if stored is not None:
         _check_identity(out, stored, models, task_info)

@@ -187,6 +187,16 @@ class PreparedTask:
             return [str(i) for i in ids]
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def info(self) -> dict[str, Any]:
+        """The task's identity for provenance: name, metric, sizes and the prompt-set hash."""
+        return {
+            "name": self.task.name,
+            "metric": self.metric.name,
+            "n_prompts": self.batch_size,
+            "seq_len": self.seq_len,
+            "prompt_hash": self.prompt_hash(),
+        }
+
     def prompt_hash(self) -> str:
         """Content hash of the tokenized prompts, answers and metric read plan."""
         h = hashlib.sha256()
