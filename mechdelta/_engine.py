@@ -140,6 +140,13 @@ class PatchEngine:
             state.prefix_checked = state.kv_checked = False
             state.kv = None
 
+    def _clean_mismatch(self, state: _ModelState, got: Tensor, rows: slice) -> float | None:
+        """Max |Δ logit| of a shortcut run against the clean run when beyond tolerance, else None."""
+        want = state.logits
+        assert want is not None
+        diff = (got - want[rows]).abs().max().item()
+        return diff if diff > 1e-4 * max(1.0, want.abs().max().item()) else None
+
     def _check_prefix_reuse(self, state: _ModelState) -> None:
         """Starting mid-stack from the cached residual must reproduce the clean run (checked on
         two prompts from the last block, once per model, before the first patched run uses it)."""
@@ -147,12 +154,10 @@ class PatchEngine:
             return
         layer = self.shape.n_layers - 1
         rows = slice(0, min(2, self.prepared.batch_size))
-        want = state.logits
-        assert want is not None
         resid = state.cache[f"blocks.{layer}.hook_resid_pre"][rows]
         got = state.runner.logits_at(self.inputs.positions[rows], resid=resid, start_layer=layer)
-        diff = (got - want[rows]).abs().max().item()
-        if diff > 1e-4 * max(1.0, want.abs().max().item()):
+        diff = self._clean_mismatch(state, got, rows)
+        if diff is not None:
             raise PatchingError(
                 f"prefix reuse does not reproduce the {state.name} model's clean run "
                 f"(max |Δ logit| = {diff:.3g}); pass prefix_reuse=False for this architecture"
@@ -171,15 +176,13 @@ class PatchEngine:
         p0 = int(positions.min())
         kv = state.runner.key_values(self.tokens) if p0 > 0 else None
         if kv is not None:
-            want = state.logits
-            assert want is not None
             got = state.runner.logits_at(
                 positions - p0,
                 resid=state.cache[f"blocks.{layer}.hook_resid_pre"][rows, p0:],
                 start_layer=layer,
                 past_key_values=prefix_cache(kv, rows, p0, 1),
             )
-            if (got - want[rows]).abs().max().item() > 1e-4 * max(1.0, want.abs().max().item()):
+            if self._clean_mismatch(state, got, rows) is not None:
                 kv = None
         state.kv = kv
         return kv
