@@ -5,13 +5,20 @@ patching activations across the two models. This module is the public API.
 """
 
 from mechdelta import plotting, zoo
-from mechdelta._loading import Processing
 from mechdelta._version import __version__
-from mechdelta.directions import Direction
+from mechdelta.core._loading import Processing
+from mechdelta.core.directions import Direction
+from mechdelta.core.metrics import Metric, MetricInputs
+from mechdelta.core.pair import ModelPair
+from mechdelta.core.sites import Component, ModelShape, Site
+from mechdelta.core.task import PreparedTask, Task
+from mechdelta.core.weights import WeightDiff, WeightDiffRow
 from mechdelta.errors import (
     ArchitectureMismatchError,
     ConfigError,
+    DeviceError,
     DeviceMismatchError,
+    DeviceOutOfMemoryError,
     DtypeMismatchError,
     ExportError,
     HookMismatchError,
@@ -25,32 +32,30 @@ from mechdelta.errors import (
     PatchingError,
     ProcessingMismatchError,
     ResultFormatError,
+    RunCorruptError,
     RunError,
+    RunIncompleteError,
+    RunLockedError,
     SiteError,
     TaskError,
     TokenizerMismatchError,
     ZooError,
 )
-from mechdelta.experiment import Experiment
-from mechdelta.metrics import Metric, MetricInputs
-from mechdelta.pair import ModelPair
-from mechdelta.patching import patch
-from mechdelta.report import write_report
-from mechdelta.results import BothDirections, PatchResult, SiteScore, SweepResult
-from mechdelta.rundir import StoredRun
-from mechdelta.runs import RunResult, regenerate_figures, run_experiment
-from mechdelta.shift import (
+from mechdelta.patching.patch import patch
+from mechdelta.patching.results import BothDirections, PatchResult, SiteScore, SweepResult
+from mechdelta.patching.shift import (
     FactorialResult,
     ShiftNotSignificantWarning,
     ShiftResult,
     factorial,
     measure_shift,
 )
-from mechdelta.sites import Component, ModelShape, Site
-from mechdelta.stats import Bootstrap
-from mechdelta.sweeps import sweep
-from mechdelta.task import PreparedTask, Task
-from mechdelta.weights import WeightDiff, WeightDiffRow
+from mechdelta.patching.sweep import sweep
+from mechdelta.report._build import write_report
+from mechdelta.runs.experiment import Experiment
+from mechdelta.runs.run import RunResult, regenerate_figures, run_experiment
+from mechdelta.runs.rundir import StoredRun
+from mechdelta.stats.bootstrap import Bootstrap
 from mechdelta.zoo import ZooCard, ZooEntry
 
 __all__ = [
@@ -59,7 +64,9 @@ __all__ = [
     "BothDirections",
     "Component",
     "ConfigError",
+    "DeviceError",
     "DeviceMismatchError",
+    "DeviceOutOfMemoryError",
     "Direction",
     "DtypeMismatchError",
     "Experiment",
@@ -83,7 +90,10 @@ __all__ = [
     "Processing",
     "ProcessingMismatchError",
     "ResultFormatError",
+    "RunCorruptError",
     "RunError",
+    "RunIncompleteError",
+    "RunLockedError",
     "RunResult",
     "ShiftNotSignificantWarning",
     "ShiftResult",

@@ -61,9 +61,9 @@ def _errors(resume_hint: str | None = None) -> Iterator[None]:
 
 def _summarise(run_dir: Path, top: int) -> list[str]:
     """The shift and the top sites of each sweep of a stored run, as text."""
-    from mechdelta.report import top_sites_table
-    from mechdelta.results import BothDirections, SweepResult
-    from mechdelta.rundir import StoredRun
+    from mechdelta.patching.results import BothDirections, SweepResult
+    from mechdelta.report._build import top_sites_table
+    from mechdelta.runs.rundir import StoredRun
 
     run = StoredRun.open(run_dir)
     lines: list[str] = []
@@ -96,8 +96,8 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment into a run directory (re-run the same command to resume it)."""
-    from mechdelta.experiment import Experiment
-    from mechdelta.runs import run_experiment
+    from mechdelta.runs.experiment import Experiment
+    from mechdelta.runs.run import run_experiment
 
     with _errors("Re-run the same command to resume: complete analyses are kept."):
         exp = Experiment.load(experiment)
@@ -122,7 +122,7 @@ def figures(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Rebuild every figure of a run from its stored results (no model is loaded)."""
-    from mechdelta.runs import regenerate_figures
+    from mechdelta.runs.run import regenerate_figures
 
     with _errors():
         written = regenerate_figures(
@@ -137,7 +137,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mechdelta run`.")],
 ) -> None:
     """Write the run's transition report (report.md and a self-contained report.html)."""
-    from mechdelta.report import write_report
+    from mechdelta.report._build import write_report
 
     with _errors():
         md, html = write_report(run_dir)
@@ -152,10 +152,10 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Where did the `induction` zoo pair's behaviour shift? Shift, head sweep, report."""
-    from mechdelta.experiment import Experiment
-    from mechdelta.report import write_report
-    from mechdelta.rundir import StoredRun
-    from mechdelta.runs import run_experiment
+    from mechdelta.report._build import write_report
+    from mechdelta.runs.experiment import Experiment
+    from mechdelta.runs.run import run_experiment
+    from mechdelta.runs.rundir import StoredRun
 
     with _errors():
         exp = Experiment.packaged("demo")

@@ -45,6 +45,16 @@ class MissingDependencyError(MechDeltaError, ImportError):
     """An optional dependency (e.g. ``peft``) is needed for this call but is not installed."""
 
 
+class DeviceError(MechDeltaError):
+    """A device cannot be used: not a device name torch knows (``"gpu"``), no CUDA in this torch
+    build or no GPU visible, a GPU index beyond those visible (``"cuda:7"``), ..."""
+
+
+class DeviceOutOfMemoryError(DeviceError):
+    """A model did not fit in the device's memory while loading (a smaller dtype or another
+    device is the fix)."""
+
+
 # --- the pair contract ----------------------------------------------------------------------------
 
 
@@ -102,3 +112,23 @@ class ExportError(MechDeltaError, RuntimeError):
 class RunError(MechDeltaError):
     """A run directory cannot be used: missing, partial or corrupt, not a run at all, or one made
     from another experiment (its configuration or model weights differ)."""
+
+
+class RunLockedError(RunError):
+    """Another process holds the run directory's lock (it is running, or writing figures or a
+    report, there now). ``pid`` and ``host`` name the holder when it could be read."""
+
+    def __init__(self, message: str, *, pid: int | None = None, host: str | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.host = host
+
+
+class RunIncompleteError(RunError):
+    """The run was interrupted (or is partial): re-run ``mechdelta run`` with the same experiment
+    and ``--out`` to finish it before writing figures or a report."""
+
+
+class RunCorruptError(RunError):
+    """A stored analysis result fails its checksum or cannot be read: ``--repair`` recomputes
+    only the damaged analyses, ``--overwrite`` starts the run over."""

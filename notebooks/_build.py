@@ -123,8 +123,8 @@ REPRODUCIBLE = [
     new_code_cell(
         "from pathlib import Path\n"
         "\n"
-        "from mechdelta.report import write_report\n"
-        "from mechdelta.runs import regenerate_figures, run_experiment\n"
+        "from mechdelta import write_report\n"
+        "from mechdelta.runs.run import regenerate_figures, run_experiment\n"
         "\n"
         'run_dir = Path("runs/notebook")\n'
         'result = run_experiment("experiment.toml", run_dir, quiet=True, overwrite=True)\n'

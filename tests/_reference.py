@@ -225,3 +225,88 @@ def last_token_logit_diff(
         return logit_diff(logits[torch.arange(len(logits)), at], answers, wrong)
 
     return metric
+
+
+def naive_union_patch(
+    source: Any,
+    target: Any,
+    tokens: Tensor,
+    sites: Sequence[md.Site],
+    metric: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """One full forward of ``target`` with the *union* of the sites' source activations, built
+    from boolean masks (no op lists, no site ordering, no prefix or position reuse).
+
+    Per hook, a mask of the activation's shape marks the elements taken from the source. A
+    ``head_out`` site marks (position, head) cells of its layer's per-head writes: the attention
+    output keeps the live heads' writes except in marked cells, where the source's write stands.
+    An ``attn_out`` mask then replaces whole output vectors, which contain every head's write.
+    """
+    cfg = target.cfg
+    n_heads = int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    with torch.no_grad():
+        _, cache = source.run_with_cache(tokens)
+    masks: dict[str, Tensor] = {}
+    head_masks: dict[int, Tensor] = {}  # layer -> [pos, head]
+    seq = tokens.shape[1]
+    for site in sites:
+        pos: Any = slice(None) if site.position is None else site.position
+        if site.kind is md.Component.HEAD_OUT:
+            m = head_masks.setdefault(site.layer, torch.zeros(seq, n_heads, dtype=torch.bool))
+            m[pos, site.head] = True
+            continue
+        name = _HOOKS[site.kind].format(L=site.layer)
+        mask = masks.setdefault(name, torch.zeros(cache[name].shape, dtype=torch.bool))
+        mask[_index(site, n_heads, n_kv)] = True
+    hooks: list[tuple[str, Callable[..., Any]]] = []
+    for name, mask in masks.items():
+        if name.endswith("hook_attn_out") and int(name.split(".")[1]) in head_masks:
+            continue
+
+        def replace(x: Tensor, hook: Any, name: str = name, mask: Tensor = mask) -> Tensor:
+            return torch.where(mask, cache[name], x)
+
+        hooks.append((name, replace))
+    for layer, hmask in head_masks.items():
+        z_name = f"blocks.{layer}.attn.hook_z"
+        out_name = f"blocks.{layer}.hook_attn_out"
+        seen: dict[str, Tensor] = {}
+        # Per-head W_O read off the modules *before* the run: calling W_O inside a hook would fire
+        # the hooks on its input (hook_z is an alias of the output projection's input hook).
+        d_head = int(cfg.d_head)
+        probe = torch.zeros(1, d_head, n_heads, d_head)
+        w_tgt, w_src = [], []
+        for h in range(n_heads):
+            probe.zero_()
+            probe[0, torch.arange(d_head), h, torch.arange(d_head)] = 1.0
+            w_tgt.append(head_write(target, layer, h, probe)[0])
+            w_src.append(head_write(source, layer, h, probe)[0])
+        z_src = cache[z_name]
+
+        def grab(x: Tensor, hook: Any, seen: dict[str, Tensor] = seen) -> None:
+            seen["z"] = x.detach().clone()
+
+        def swap(
+            x: Tensor,
+            hook: Any,
+            hmask: Tensor = hmask,
+            seen: dict[str, Tensor] = seen,
+            out_name: str = out_name,
+            w_tgt: list[Tensor] = w_tgt,
+            w_src: list[Tensor] = w_src,
+            z_src: Tensor = z_src,
+        ) -> Tensor:
+            x = x.clone()
+            for h in range(n_heads):
+                live = seen["z"][:, :, h] @ w_tgt[h]
+                src = z_src[:, :, h] @ w_src[h]
+                x = x + hmask[None, :, h, None] * (src - live)
+            if out_name in masks:
+                x = torch.where(masks[out_name], cache[out_name], x)
+            return x
+
+        hooks.extend([(z_name, grab), (out_name, swap)])
+    with torch.no_grad():
+        logits = target.run_with_hooks(tokens, fwd_hooks=hooks)
+    return metric(logits)

@@ -51,7 +51,7 @@ direction = "both"
 @functools.cache
 def base_run_dir() -> Path:
     """A complete run of :func:`tiny_config` (read only: copy it before changing anything)."""
-    from mechdelta.runs import run_experiment
+    from mechdelta.runs.run import run_experiment
 
     root = Path(tempfile.mkdtemp(prefix="mechdelta-test-run-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

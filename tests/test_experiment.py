@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mechdelta.errors import ConfigError
-from mechdelta.experiment import AnalysisSpec, Experiment
+from mechdelta.runs.experiment import AnalysisSpec, Experiment
 
 BASE = """
 name = "t"

@@ -7,7 +7,7 @@ import stat
 
 import torch
 
-from mechdelta._io import atomic_write_text, load_result, save_result
+from mechdelta.core._io import atomic_write_text, load_result, save_result
 
 
 def _mode(path) -> int:

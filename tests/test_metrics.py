@@ -10,7 +10,7 @@ import torch
 
 import mechdelta as md
 from mechdelta import Metric, MetricError, MetricInputs, Task
-from mechdelta.metrics import resolve_metric
+from mechdelta.core.metrics import resolve_metric
 from tests import _builders
 from tests._reference import N_BOOT, contrast_answers, pad, perturb_matching
 

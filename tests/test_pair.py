@@ -102,7 +102,7 @@ def test_checkpoint_without_tokenizer_files_raises(tmp_path, seeded_checkpoints)
 
 
 def test_empty_tokenizer_is_caught():
-    from mechdelta._loading import check_tokenizer
+    from mechdelta.core._loading import check_tokenizer
 
     class Empty:
         def __len__(self) -> int:
@@ -113,7 +113,7 @@ def test_empty_tokenizer_is_caught():
 
 
 def test_bad_paths_and_offline_hub_names(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a directory"):
+    with pytest.raises(ModelLoadError, match="local checkpoint directory .* does not exist"):
         ModelPair.load(tmp_path / "missing", tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
@@ -177,7 +177,7 @@ def test_dtype_mismatch():
 
 
 def test_device_mismatch_error_message():
-    from mechdelta._compat import check_compatible
+    from mechdelta.core._compat import check_compatible
 
     a = _builders.native_bridge(0)
     b = _builders.native_bridge(1)

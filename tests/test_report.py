@@ -7,10 +7,17 @@ import re
 
 import pytest
 
-from mechdelta import report as report_mod
 from mechdelta.errors import RunError
-from mechdelta.report import Section, Table, Text, register_section, top_sites_table, write_report
-from mechdelta.rundir import StoredRun
+from mechdelta.report import _build as report_mod
+from mechdelta.report._build import (
+    Section,
+    Table,
+    Text,
+    register_section,
+    top_sites_table,
+    write_report,
+)
+from mechdelta.runs.rundir import StoredRun
 from tests._tiny_run import IDS, base_run_dir, copy_run
 
 

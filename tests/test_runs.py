@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechdelta import runs
 from mechdelta.errors import ConfigError, RunError
-from mechdelta.rundir import StoredRun
-from mechdelta.runs import regenerate_figures, run_experiment
+from mechdelta.runs import run as runs
+from mechdelta.runs.run import regenerate_figures, run_experiment
+from mechdelta.runs.rundir import StoredRun
 from tests._tiny_run import ANALYSES, IDS, base_run_dir, copy_run, tiny_config
 
 SMALL = ANALYSES[:3]  # shift, sweep, patch
@@ -57,7 +57,7 @@ def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 def test_run_layout_and_manifest(base_run):
-    from mechdelta._builtin import tiny_pair
+    from mechdelta.core._builtin import tiny_pair
 
     out, stored = base_run
     ids = list(IDS)
@@ -198,7 +198,7 @@ def test_resume_refuses_another_experiment(base_run, tmp_path):
     ],
 )
 def test_corrupt_or_partial_run_dirs_raise_run_error(base_run, tmp_path, damage, needle):
-    from mechdelta.report import write_report
+    from mechdelta import write_report
 
     out = _copy(base_run[0], tmp_path)
     damage(out)

@@ -68,7 +68,7 @@ def test_gqa_kv_heads_map_to_their_group():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_site_indexes_the_real_activation(family, hf_checkpoints):
     """Site -> hook name -> index works on real bridges, incl. GQA k/v on Llama."""
-    from mechdelta._loading import Processing, load_bridge
+    from mechdelta.core._loading import Processing, load_bridge
 
     model = load_bridge(
         hf_checkpoints[family], device="cpu", dtype=torch.float32, processing=Processing.RAW
@@ -143,7 +143,7 @@ def test_sites_are_hashable_values():
 
 
 def test_repr_is_short_and_evaluable():
-    from mechdelta.sites import Component  # noqa: F401  (eval namespace)
+    from mechdelta.core.sites import Component  # noqa: F401  (eval namespace)
 
     for site in (Site("head_out", 1, head=2), Site("mlp_neuron", 0, neuron=3, position=4)):
         text = repr(site)

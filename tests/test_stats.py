@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechdelta import Bootstrap, ConfigError
-from mechdelta.stats import paired_shift_ci, score_ci
+from mechdelta.stats.bootstrap import paired_shift_ci, score_ci
 
 
 def test_bootstrap_validates_its_settings():

@@ -9,7 +9,7 @@ import torch
 
 import mechdelta as md
 from mechdelta import Component, ConfigError, Site, SiteError, TaskError
-from mechdelta._engine import PatchEngine
+from mechdelta.patching._engine import PatchEngine
 from tests import _builders
 from tests._reference import (
     N_BOOT,

@@ -10,11 +10,11 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from mechdelta.core.sites import Component, Site
 from mechdelta.errors import ResultFormatError
-from mechdelta.sites import Component, Site
 
 if TYPE_CHECKING:
-    from mechdelta.pair import ModelPair
+    from mechdelta.core.pair import ModelPair
 
 from mechdelta.plotting._style import (
     SCORE_SCALE,
@@ -50,7 +50,7 @@ def attention_patterns(
 
 
 def _prompt_tokens(pair: ModelPair, tokens_or_task: Any, prompt: int) -> tuple[Any, list[str]]:
-    from mechdelta.task import PreparedTask, Task
+    from mechdelta.core.task import PreparedTask, Task
 
     src = tokens_or_task
     if isinstance(src, str):

@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechdelta.patching.shift import FactorialResult, ShiftResult
 from mechdelta.plotting._style import (
     _GREY,
     COLOURS,
@@ -16,7 +17,6 @@ from mechdelta.plotting._style import (
     _shift_line,
     _title,
 )
-from mechdelta.shift import FactorialResult, ShiftResult
 
 # --- shift, factorial ----------------------------------------------------------------------------
 
@@ -110,6 +110,7 @@ def shift_figure(result: ShiftResult) -> go.Figure:
     )
     fig.add_hline(y=0, line={"color": "#888", "dash": "dash", "width": 1}, row=1, col=2)
     fig.update_xaxes(showticklabels=False, range=[-0.4, 0.8], zeroline=False, row=1, col=2)
+    fig.update_yaxes(title_text=f"shift in {result.metric}", row=1, col=2)
     title = _title(f"behavioural shift on {result.task!r}, {n} prompts", _shift_line(result))
     return _finish(fig, title, 520, 900)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mechdelta._io import atomic_write_bytes, atomic_write_text
+from mechdelta.core._io import atomic_write_bytes, atomic_write_text
 from mechdelta.errors import ExportError, MissingDependencyError
 
 if TYPE_CHECKING:

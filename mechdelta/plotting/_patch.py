@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechdelta.core.sites import Site
 from mechdelta.errors import ResultFormatError
+from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
 from mechdelta.plotting._style import (
     _GREY,
     COLOURS,
@@ -17,6 +20,8 @@ from mechdelta.plotting._style import (
     _jitter,
     _level,
     _nested,
+    _score_meaning,
+    _score_meaning_lines,
     _shift_line,
     _sym_max,
     _title,
@@ -26,8 +31,6 @@ from mechdelta.plotting._sweep import (
     _panel_figure,
     _sweep_panels,
 )
-from mechdelta.results import BothDirections, PatchResult, SweepResult
-from mechdelta.sites import Site
 
 
 def _patch_traces(result: PatchResult, fig: go.Figure, col: int, legend: bool) -> None:
@@ -111,6 +114,7 @@ def patch_figure(result: PatchResult) -> go.Figure:
     title = _title(
         f"patch {_direction_label(result.direction)} of {_sites_text(result.sites)}",
         _patch_subtitle(result),
+        _score_meaning(result.direction),
         _shift_line(result.shift),
     )
     return _finish(fig, title, 520, 760)
@@ -126,6 +130,7 @@ def both_directions_figure(result: BothDirections[Any]) -> go.Figure:
             shared_yaxes=True,
             subplot_titles=[
                 f"{_direction_label(r.direction)}<br><sup>{_patch_subtitle(r)}</sup>"
+                f"<br><sup>{_score_meaning(r.direction)}</sup>"
                 for r in (first, second)
             ],
         )
@@ -139,7 +144,10 @@ def both_directions_figure(result: BothDirections[Any]) -> go.Figure:
         raise ResultFormatError(
             "both_directions_figure takes a BothDirections of sweeps or patches"
         )
-    per_dir = [_sweep_panels(r, _direction_label(r.direction)) for r in (first, second)]
+    per_dir = []
+    for r in (first, second):  # the top panel of each direction says what its scores mean
+        top, *rest = _sweep_panels(r, _direction_label(r.direction))
+        per_dir.append([replace(top, title=top.title + _score_meaning_lines(r.direction)), *rest])
     grid = [list(pair) for pair in zip(*per_dir, strict=True)]  # one row per facet
     m = _sym_max(first.scores.double().numpy(), second.scores.double().numpy())
     fig, h, w = _panel_figure(grid, m, _hover(first.shift.metric, _level(first.shift.alpha)))

@@ -8,16 +8,20 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from mechdelta.directions import Direction
-from mechdelta.shift import ShiftResult
+from mechdelta.core.directions import Direction
+from mechdelta.patching.shift import ShiftResult
 
 TEMPLATE = "plotly_white"
 SCORE_SCALE = "RdBu"  # positive scores blue, negative red, zero white
 EPS = 1e-6
 COLOURS = {"reference": "#4477AA", "intervened": "#CC6677", "patched": "#228833"}
 _GREY = "rgba(120,120,120,0.35)"
+# Values are printed in heatmap cells only when they can be read: up to this many cells in a
+# panel, this many columns, and cells at least this wide (px, at the figure's export width).
 _TEXT_CELLS = 150
-_MAX_FACETS = 16  # beyond this many heads/neurons, by-position sweeps stack rows in one panel  # print values in heatmap cells up to this many cells per panel
+_TEXT_COLUMNS = 24
+_TEXT_CELL_PX = 30
+_MAX_FACETS = 16  # beyond this many heads/neurons, by-position sweeps stack rows in one panel
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -61,15 +65,30 @@ def _shift_line(shift: ShiftResult) -> str:
     )
 
 
+_MEANING = {
+    True: ("score: fraction of the shift undone", "by restoring the site's reference activation"),
+    False: ("score: fraction of the shift carried", "by the site's intervened activation alone"),
+}
+
+
 def _score_meaning(d: Direction) -> str:
-    if d.toward_reference:
-        return "score: fraction of the shift undone by restoring the site's reference activation"
-    return "score: fraction of the shift carried by the site's intervened activation alone"
+    """What a score means in direction ``d``, one line (a figure title's subtitle)."""
+    return " ".join(_MEANING[d.toward_reference])
+
+
+def _score_meaning_lines(d: Direction) -> str:
+    """:func:`_score_meaning` as two small lines, for a panel title over a narrow panel."""
+    return "<br><sup>" + "<br>".join(_MEANING[d.toward_reference]) + "</sup>"
 
 
 def _title(main: str, *subs: str) -> dict[str, Any]:
     text = main + "".join(f"<br><sup>{s}</sup>" for s in subs if s)
     return {"text": text, "x": 0.01, "xanchor": "left"}
+
+
+def _export_width(width: int | float) -> int:
+    """The width a figure is exported at, from the width its layout suggests."""
+    return int(min(max(width, 600), 2000))
 
 
 def _finish(fig: go.Figure, title: dict[str, Any], height: int, width: int) -> go.Figure:
@@ -80,7 +99,7 @@ def _finish(fig: go.Figure, title: dict[str, Any], height: int, width: int) -> g
         template=TEMPLATE,
         title=title,
         height=int(height + max(0, top - 110)),
-        meta={"export_width": int(min(max(width, 600), 2000))},
+        meta={"export_width": _export_width(width)},
         margin={"t": top, "l": 80, "r": 40, "b": 70},
         font={"size": 12},
     )
@@ -93,8 +112,13 @@ def _clean_token(tok: str) -> str:
     return t if t.strip() else repr(tok)
 
 
-def position_labels(positions: Sequence[int], tokens: Sequence[str] | None) -> list[str]:
-    """Axis labels ``"3: the"`` (position numbers alone without tokens); always unique."""
+def position_labels(positions: Sequence[int], tokens: Sequence[str | None] | None) -> list[str]:
+    """Axis labels ``"3: the"``; the position number alone where ``tokens`` has no token for it
+    (``None``: the prompts differ there, or no tokens at all). Always unique."""
     if tokens is None:
         return [str(p) for p in positions]
-    return [f"{p}: {_clean_token(tokens[p])}" if p < len(tokens) else str(p) for p in positions]
+    out = []
+    for p in positions:
+        tok = tokens[p] if 0 <= p < len(tokens) else None
+        out.append(str(p) if tok is None else f"{p}: {_clean_token(tok)}")
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,11 +11,15 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from mechdelta.errors import ResultFormatError
+from mechdelta.patching.results import SweepResult
 from mechdelta.plotting._style import (
     _MAX_FACETS,
+    _TEXT_CELL_PX,
     _TEXT_CELLS,
+    _TEXT_COLUMNS,
     SCORE_SCALE,
     _direction_label,
+    _export_width,
     _finish,
     _level,
     _nested,
@@ -24,7 +29,6 @@ from mechdelta.plotting._style import (
     _title,
     position_labels,
 )
-from mechdelta.results import SweepResult
 
 # --- sweeps --------------------------------------------------------------------------------------
 
@@ -49,8 +53,43 @@ class _Panel:
 
 def _labels(result: SweepResult, dim: str) -> list[str]:
     if dim == "position":
-        return position_labels(result.coords[dim], result.tokens)
+        return _position_axis(result)[0]
     return [f"{_AXIS_PREFIX[dim]}{v}" for v in result.coords[dim]]
+
+
+def _axis_title(result: SweepResult, dim: str) -> str:
+    return _position_axis(result)[1] if dim == "position" else dim
+
+
+def _position_axis(result: SweepResult) -> tuple[list[str], str]:
+    """Labels and title of the position axis.
+
+    Scores average over every prompt, so a position shows a token only where all prompts have
+    that token (``shared_tokens``: one entry per position, ``None`` where the prompts differ);
+    elsewhere its index. A result without ``shared_tokens`` (stored by an older version) has
+    prompt 0's tokens only: they are shown as prompt 0's, in the axis title.
+    """
+    positions = result.coords["position"]
+    n = int(result.per_prompt.shape[-1])
+    shared: Sequence[str | None] | None = getattr(result, "shared_tokens", None)
+    if shared is None and result.tokens is not None:
+        if n != 1:
+            title = f"position: prompt 0's token (scores: mean over {n} prompts)"
+            return position_labels(positions, result.tokens), title
+        shared = result.tokens  # one prompt: its tokens are every prompt's
+    if shared is None:
+        return position_labels(positions, None), "position"
+    labels = position_labels(positions, shared)
+    known = sum(0 <= p < len(shared) and shared[p] is not None for p in positions)
+    if n == 1:
+        title = "position: token" if known else "position"
+    elif known == len(positions):
+        title = f"position: token (the same in all {n} prompts)"
+    elif known:
+        title = f"position: token where all {n} prompts agree, else index"
+    else:
+        title = f"position (the {n} prompts' tokens differ at every position)"
+    return labels, title
 
 
 def _custom(result: SweepResult) -> np.ndarray:
@@ -83,21 +122,22 @@ def _sweep_panels(result: SweepResult, prefix: str = "") -> list[_Panel]:
     if len(dims) == 2:
         return [
             _Panel(
-                "heatmap", scores, custom.tolist(), _labels(result, dims[1]), ys, dims[1], "layer",
-                prefix,
+                "heatmap", scores, custom.tolist(), _labels(result, dims[1]), ys,
+                _axis_title(result, dims[1]), "layer", prefix,
             )
         ]  # fmt: skip
     if len(dims) == 3 and dims[:2] == ("layer", "position"):
         xs, facet = _labels(result, "position"), dims[2]
+        xtitle = _axis_title(result, "position")
         sep = " · " if prefix else ""
         if len(result.coords[facet]) > _MAX_FACETS:  # one heatmap, a row per (layer, head/neuron)
             rows = [f"{y} {f}" for y in ys for f in _labels(result, facet)]
             z = scores.transpose(0, 2, 1).reshape(len(rows), len(xs))
             cd = custom.transpose(0, 2, 1, 3).reshape(len(rows), len(xs), -1).tolist()
-            return [_Panel("heatmap", z, cd, xs, rows, "position", f"layer, {facet}", prefix)]
+            return [_Panel("heatmap", z, cd, xs, rows, xtitle, f"layer, {facet}", prefix)]
         return [
             _Panel(
-                "heatmap", scores[:, :, k], custom[:, :, k].tolist(), xs, ys, "position", "layer",
+                "heatmap", scores[:, :, k], custom[:, :, k].tolist(), xs, ys, xtitle, "layer",
                 f"{prefix}{sep}{label}",
             )
             for k, label in enumerate(_labels(result, facet))
@@ -115,8 +155,15 @@ def _hover(metric: str, level: int) -> str:
 
 
 def _add_panel(
-    fig: go.Figure, p: _Panel, at: tuple[int, int, bool], m: float, hover: str, first: bool
+    fig: go.Figure,
+    p: _Panel,
+    at: tuple[int, int, bool],
+    m: float,
+    hover: str,
+    first: bool,
+    text: bool = False,
 ) -> None:
+    """Add one panel at ``at`` = (row, col, bottom row?); ``text``: print values in the cells."""
     row, col, bottom = at
     xtitle = p.xtitle if bottom else None
     if p.kind == "bar":
@@ -151,7 +198,6 @@ def _add_panel(
         fig.update_xaxes(type="category", title_text=xtitle, row=row, col=col)
         fig.update_yaxes(title_text=p.ytitle if col == 1 else None, row=row, col=col)
         return
-    small = p.z.size <= _TEXT_CELLS
     fig.add_trace(
         go.Heatmap(
             z=_nested(p.z),
@@ -165,8 +211,8 @@ def _add_panel(
             zmax=m,
             showscale=first,
             colorbar={"title": {"text": "score"}, "len": 0.8},
-            texttemplate="%{z:.2f}" if small else None,
-            textfont={"size": 10} if small else None,
+            texttemplate="%{z:.2f}" if text else None,
+            textfont={"size": 10} if text else None,
             xgap=1,
             ygap=1,
         ),
@@ -196,7 +242,7 @@ def _panel_figure(grid: list[list[_Panel]], m: float, hover: str) -> tuple[go.Fi
         panel_h = max(120, 26 * len(p0.y))
         panel_w = max(260, (30 if len(p0.x) <= 40 else 14) * len(p0.x))
         longest = max(len(x) for x in p0.x)
-        ticks = min(150, 15 + 6 * longest) if p0.xtitle == "position" else 30
+        ticks = min(150, 15 + 6 * longest) if p0.xtitle.startswith("position") else 30
     gap = ticks + (34 if any(titles) else 10)
     plot_h = nrows * panel_h + (nrows - 1) * gap
     fig = make_subplots(
@@ -207,12 +253,22 @@ def _panel_figure(grid: list[list[_Panel]], m: float, hover: str) -> tuple[go.Fi
         horizontal_spacing=0.06 if ncols < 4 else 0.04,
         vertical_spacing=gap / plot_h if nrows > 1 else 0.0,
     )
+    width = 200 + ncols * panel_w
     first = True
     for i, row in enumerate(grid):
         for j, panel in enumerate(row):
-            _add_panel(fig, panel, (i + 1, j + 1, i == nrows - 1), m, hover, first)
+            text = _readable_cells(panel, (_export_width(width) - 200) / ncols)
+            _add_panel(fig, panel, (i + 1, j + 1, i == nrows - 1), m, hover, first, text)
             first = False
-    return fig, 110 + plot_h + ticks + 40, 200 + ncols * panel_w
+    return fig, 110 + plot_h + ticks + 40, width
+
+
+def _readable_cells(p: _Panel, panel_px: float) -> bool:
+    """Whether a heatmap's values fit in its cells as text (else they run together: hover)."""
+    if p.kind != "heatmap" or not p.x:
+        return False
+    cell_px = panel_px / len(p.x)
+    return p.z.size <= _TEXT_CELLS and len(p.x) <= _TEXT_COLUMNS and cell_px >= _TEXT_CELL_PX
 
 
 def sweep_figure(result: SweepResult) -> go.Figure:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from mechdelta.core.weights import WeightDiff, WeightDiffRow
 from mechdelta.plotting._style import (
     _finish,
     _title,
 )
-from mechdelta.weights import WeightDiff, WeightDiffRow
 
 # --- weights -------------------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mechdelta.core.pair import ModelPair
+from mechdelta.core.provenance import environment
+from mechdelta.core.sites import Site
+from mechdelta.core.task import Task
 from mechdelta.errors import ZooError
-from mechdelta.pair import ModelPair
-from mechdelta.provenance import environment
-from mechdelta.sites import Site
-from mechdelta.task import Task
 from mechdelta.zoo._card import Stage, ZooCard
 from mechdelta.zoo._entry import ZooEntry, hashes, measure_behaviours, write_entry
 from mechdelta.zoo._training import TrainResult, TrainSpec

@@ -9,7 +9,7 @@ An entry directory holds::
     card.json                the ZooCard
 
 Loading builds both models from the config, loads the weights strictly, checks their hashes
-against the card, and wraps them in a :class:`~mechdelta.pair.ModelPair`.
+against the card, and wraps them in a :class:`~mechdelta.core.pair.ModelPair`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechdelta._io import atomic_write_json, atomic_write_text
+from mechdelta.core._io import atomic_write_json, atomic_write_text
+from mechdelta.core.pair import ModelPair
+from mechdelta.core.provenance import weights_hash
+from mechdelta.core.sites import Site
+from mechdelta.core.task import Task
 from mechdelta.errors import ZooError
-from mechdelta.pair import ModelPair
-from mechdelta.provenance import weights_hash
-from mechdelta.sites import Site
-from mechdelta.task import Task
 from mechdelta.zoo._card import Behaviour, ZooCard
 from mechdelta.zoo._models import (
     build_model,
@@ -100,7 +100,7 @@ def measure_behaviours(
     pair: ModelPair, tasks: Mapping[str, tuple[Task, str]]
 ) -> tuple[Behaviour, ...]:
     """Each task's metric on both models (``measure_shift``, 2000 prompt resamples, seed 0)."""
-    from mechdelta.shift import measure_shift
+    from mechdelta.patching.shift import measure_shift
 
     out = []
     for name, (task, description) in tasks.items():

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mechdelta._io import atomic_write_bytes
+from mechdelta.core._io import atomic_write_bytes
 from mechdelta.errors import ZooError
 
 # Fields a zoo model config may set (all passed to ``TransformerBridgeConfig``).

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from mechdelta.core.task import Task
 from mechdelta.errors import ConfigError, ZooError
-from mechdelta.task import Task
 from mechdelta.zoo._build import stage_of
 from mechdelta.zoo._card import Stage
 from mechdelta.zoo._models import build_model, copy_model, load_weights, read_weights

@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechdelta.core.sites import Site
+from mechdelta.core.task import Task
 from mechdelta.errors import ConfigError
-from mechdelta.sites import Site
-from mechdelta.task import Task
 from mechdelta.zoo._build import assemble, stage_of
 from mechdelta.zoo._entry import ZooEntry
 from mechdelta.zoo._induction_data import RepeatData

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechdelta.core.sites import Component, ModelShape, Site
 from mechdelta.errors import ConfigError, ZooError
-from mechdelta.sites import Component, ModelShape, Site
 from mechdelta.zoo import _recall_base as base
 from mechdelta.zoo._build import assemble, stage_of
 from mechdelta.zoo._entry import ZooEntry

@@ -11,13 +11,14 @@ What a splice of each component carries across two models (source -> target) is 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
 from mechdelta.errors import SiteError
 
-__all__ = ["Component", "ModelShape", "Site"]
+__all__ = ["Component", "ModelShape", "Site", "union"]
 
 
 class Component(StrEnum):
@@ -332,3 +333,26 @@ class Site:
 
     def with_position(self, position: int | None) -> Site:
         return Site(self.component, self.layer, self.head, position, self.neuron)
+
+    def covers(self, other: Site) -> bool:
+        """True when the activation ``other`` splices is part of the one ``self`` splices.
+
+        Same component, layer, head and neuron with ``self`` at every position (or the same
+        one); and a layer's ``attn_out`` contains each of its heads' ``head_out`` writes (at the
+        positions it covers). A covered site adds nothing to a joint patch (see :func:`union`).
+        """
+        if self.layer != other.layer or self.position not in (None, other.position):
+            return False
+        if self.kind is other.kind:
+            return self.head == other.head and self.neuron == other.neuron
+        return self.kind is Component.ATTN_OUT and other.kind is Component.HEAD_OUT
+
+
+def union(sites: Iterable[Site]) -> tuple[Site, ...]:
+    """The sites of a joint patch with duplicates and covered sites dropped (order kept).
+
+    A joint patch splices the *union* of its sites' activations: a site contained in another
+    (:meth:`Site.covers`) adds nothing, and the order of the sites never matters.
+    """
+    unique = list(dict.fromkeys(sites))
+    return tuple(s for s in unique if not any(o != s and o.covers(s) for o in unique))

@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mechdelta._io import load_result, save_result
-from mechdelta.sites import Component, Site
+from mechdelta.core._io import load_result, save_result
+from mechdelta.core.sites import Component, Site
 
 __all__ = ["WeightDiff", "WeightDiffRow", "weight_diff"]
 

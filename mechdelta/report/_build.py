@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechdelta._io import atomic_write_text
-from mechdelta._report_blocks import (
+from mechdelta.core._io import atomic_write_text
+from mechdelta.core.directions import Direction
+from mechdelta.report._blocks import (
     Block,
     Code,
     Figure,
@@ -31,8 +32,7 @@ from mechdelta._report_blocks import (
     render_html,
     render_md,
 )
-from mechdelta.directions import Direction
-from mechdelta.rundir import StoredRun
+from mechdelta.runs.rundir import StoredRun
 
 __all__ = [
     "Figure",
@@ -126,7 +126,7 @@ def top_sites_table(result: Any, k: int = 10) -> Table:
     For both directions, sites are ranked by the larger |score| of the two, with one column per
     direction.
     """
-    from mechdelta.results import BothDirections
+    from mechdelta.patching.results import BothDirections
 
     if isinstance(result, BothDirections):
         first, second = result.reference_to_intervened, result.intervened_to_reference
@@ -191,7 +191,7 @@ def _shift_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
 
 @register_section("sweep")
 def _sweep_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
-    from mechdelta.results import BothDirections
+    from mechdelta.patching.results import BothDirections
 
     first = result.reference_to_intervened if isinstance(result, BothDirections) else result
     grid = " × ".join(f"{len(first.coords[d])} {d}s" for d in first.dims)
@@ -216,7 +216,7 @@ def _sweep_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
 
 @register_section("patch")
 def _patch_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
-    from mechdelta.results import BothDirections
+    from mechdelta.patching.results import BothDirections
 
     parts = list(result) if isinstance(result, BothDirections) else [result]
     sites = ", ".join(str(s) for s in parts[0].sites)
@@ -327,7 +327,7 @@ def _provenance_section(ctx: ReportContext) -> Section:
 
 
 def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
-    from mechdelta.results import BothDirections, SweepResult
+    from mechdelta.patching.results import BothDirections, SweepResult
 
     m = ctx.run.manifest
     exp = m["config"]

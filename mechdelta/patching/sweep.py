@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mechdelta._engine import PatchEngine
-from mechdelta.directions import Direction
+from mechdelta.core.directions import Direction
+from mechdelta.core.sites import Component, ModelShape, Site
 from mechdelta.errors import ConfigError, SiteError
-from mechdelta.results import BothDirections, SweepResult
-from mechdelta.shift import engine_shift
-from mechdelta.sites import Component, ModelShape, Site
-from mechdelta.stats import Bootstrap, score_ci
+from mechdelta.patching._engine import PatchEngine
+from mechdelta.patching.results import BothDirections, SweepResult
+from mechdelta.patching.shift import engine_shift
+from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
-    from mechdelta.pair import ModelPair
-    from mechdelta.task import Task
+    from mechdelta.core.pair import ModelPair
+    from mechdelta.core.task import Task
 
 __all__ = ["sweep", "sweep_grid"]
 
@@ -107,8 +107,8 @@ def sweep(
         prefix_reuse: start each patched pass at the patched layer from the cached residual
             (exact; checked on every run). Disable to time the plain batched path.
 
-    Returns a :class:`~mechdelta.results.SweepResult`, or a
-    :class:`~mechdelta.results.BothDirections` of two for ``direction="both"``.
+    Returns a :class:`~mechdelta.patching.results.SweepResult`, or a
+    :class:`~mechdelta.patching.results.BothDirections` of two for ``direction="both"``.
     """
     d = Direction.coerce(direction)
     engine = PatchEngine(

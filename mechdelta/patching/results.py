@@ -18,11 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechdelta._io import atomic_write_json, load_result, save_result
-from mechdelta.directions import Direction
+from mechdelta.core._io import atomic_write_json, load_result, save_result
+from mechdelta.core.directions import Direction
+from mechdelta.core.sites import Component, Site
 from mechdelta.errors import ConfigError, ResultFormatError
-from mechdelta.shift import _MALFORMED, ShiftResult
-from mechdelta.sites import Component, Site
+from mechdelta.patching.shift import _MALFORMED, ShiftResult
 
 if TYPE_CHECKING:
     import pandas as pd

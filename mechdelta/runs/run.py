@@ -1,18 +1,23 @@
-"""Reproducible runs: execute an :class:`~mechdelta.experiment.Experiment` into a run directory.
+"""Reproducible runs: execute an :class:`~mechdelta.runs.experiment.Experiment` into a run directory.
 
 :func:`run_experiment` loads the pair, writes ``manifest.json`` (versions, weight and tokenizer
 hashes, the prompt-set hash, seeds, the resolved configuration), runs each analysis and stores it
-(see :mod:`mechdelta.rundir` for the layout), then writes every figure from the *stored* results.
+(see :mod:`mechdelta.runs.rundir` for the layout), then writes every figure from the *stored* results.
 Re-launching an interrupted run into the same directory resumes it: analyses already complete are
 skipped after checking that the configuration and the model weights are the ones the run began
-with, and the final results are identical to an uninterrupted run's.
-:func:`regenerate_figures` rebuilds every figure from the stored results alone (no model loaded).
+with, and the final results are identical to an uninterrupted run's. Stored results whose files
+fail their checksums are refused (:class:`~mechdelta.errors.RunCorruptError`) unless
+``repair=True``, which recomputes just those. :func:`regenerate_figures` rebuilds every figure from
+the stored results alone (no model loaded).
+
+Every writer (a run, figures, the report) holds the directory's exclusive lock
+(:mod:`mechdelta.runs._lock`) while it writes: a second process gets
+:class:`~mechdelta.errors.RunLockedError` at once instead of mixing its results into the run.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -23,16 +28,17 @@ from typing import Any
 
 import torch
 
+from mechdelta.core.provenance import environment
 from mechdelta.errors import ConfigError, ExportError, MechDeltaError, RunError, TaskError
-from mechdelta.experiment import AnalysisSpec, Experiment, PairSpec, short_hash
-from mechdelta.provenance import environment
-from mechdelta.rundir import (
+from mechdelta.runs._lock import run_lock
+from mechdelta.runs._resume import check_identity, damaged_analyses, prepare_dir
+from mechdelta.runs.experiment import AnalysisSpec, Experiment, PairSpec, short_hash
+from mechdelta.runs.rundir import (
     FIGURES,
     RUN_FORMAT,
     RUN_FORMAT_VERSION,
     StoredRun,
     clear_analysis,
-    read_manifest,
     save_analysis,
     write_manifest,
 )
@@ -50,7 +56,7 @@ def tiny_task(n_prompts: int = 16, seq_len: int = 8, seed: int = 0) -> Any:
 
     ``corrupted`` holds another seeded set of tokens, so the factorial design runs on it too.
     """
-    from mechdelta.task import Task
+    from mechdelta.core.task import Task
 
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 64, (n_prompts, seq_len), generator=gen)
@@ -67,10 +73,10 @@ def load_pair(spec: PairSpec) -> tuple[Any, Any]:
         entry = zoo.load(spec.zoo, spec.zoo_path)
         return entry.pair, entry.task
     if spec.builtin is not None:
-        from mechdelta._builtin import tiny_pair
+        from mechdelta.core._builtin import tiny_pair
 
         return tiny_pair(), tiny_task()
-    from mechdelta.pair import ModelPair
+    from mechdelta.core.pair import ModelPair
 
     assert spec.reference is not None and spec.intervened is not None  # validated by PairSpec
     pair = ModelPair.load(
@@ -101,13 +107,13 @@ class _Context:
 
 
 def _run_shift(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.shift import measure_shift
+    from mechdelta.patching.shift import measure_shift
 
     return measure_shift(ctx.pair, ctx.task, **ctx.boot)
 
 
 def _run_sweep(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.sweeps import sweep
+    from mechdelta.patching.sweep import sweep
 
     assert spec.component is not None
     return sweep(
@@ -123,7 +129,7 @@ def _run_sweep(ctx: _Context, spec: AnalysisSpec) -> Any:
 
 
 def _run_patch(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.patching import patch
+    from mechdelta.patching.patch import patch
 
     assert spec.sites is not None
     return patch(
@@ -136,13 +142,13 @@ def _run_weight_diff(ctx: _Context, spec: AnalysisSpec) -> Any:
 
 
 def _run_factorial(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.shift import factorial
+    from mechdelta.patching.shift import factorial
 
     return factorial(ctx.pair, ctx.task, **ctx.boot)
 
 
 #: kind -> function(context, spec) -> result (a registry: a new kind adds an entry here, in
-#: :mod:`mechdelta.experiment` for its keys, and in :mod:`mechdelta.report` for its section).
+#: :mod:`mechdelta.runs.experiment` for its keys, and in :mod:`mechdelta.report._build` for its section).
 EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
     "shift": _run_shift,
     "sweep": _run_sweep,
@@ -154,8 +160,8 @@ EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
 
 def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
     """Check every analysis against the model and prompts before spending compute on any."""
-    from mechdelta.sites import Site
-    from mechdelta.sweeps import sweep_grid
+    from mechdelta.core.sites import Site
+    from mechdelta.patching.sweep import sweep_grid
 
     for spec in exp.analyses:
         try:
@@ -190,13 +196,15 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
 @dataclass(frozen=True)
 class RunResult:
     """What :func:`run_experiment` did: the run directory, its manifest, and which analyses it
-    computed now or found complete (``skipped``). :meth:`load` reads a stored result back."""
+    computed now or found complete (``skipped``); ``repaired`` lists the computed ones that
+    replaced damaged results. :meth:`load` reads a stored result back."""
 
     run_dir: Path
     manifest: dict[str, Any]
     computed: tuple[str, ...]
     skipped: tuple[str, ...]
     figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+    repaired: tuple[str, ...] = ()
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -206,69 +214,19 @@ class RunResult:
         return StoredRun(self.run_dir, self.manifest).load(analysis_id)
 
     def __str__(self) -> str:
-        return (
-            f"run {self.manifest['config']['name']!r} in {os.fspath(self.run_dir)}: "
-            f"{len(self.computed)} analyses computed, {len(self.skipped)} already complete"
+        return f"run {self.manifest['config']['name']!r} in {os.fspath(self.run_dir)}: " + (
+            self.counts()
         )
+
+    def counts(self) -> str:
+        """``"2 analyses computed, 3 already complete"`` (and how many were repaired)."""
+        text = f"{len(self.computed)} analyses computed, {len(self.skipped)} already complete"
+        return text + (f", {len(self.repaired)} repaired" if self.repaired else "")
 
 
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x != y:
-                return _first_difference(x, y, f"{path}[{i}]")
-    return f"{path or 'the configuration'}: stored {a!r}, now {b!r}"
-
-
-def _prepare_dir(out: Path, exp: Experiment, overwrite: bool) -> dict[str, Any] | None:
-    """The stored manifest to resume from (None: a fresh run); RunError for unusable dirs."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise RunError(f"--out {os.fspath(out)!r} exists and is not a directory")
-    if not any(out.iterdir()):
-        return None
-    manifest = read_manifest(out)  # RunError: not a run directory, or a corrupt one
-    if overwrite:
-        shutil.rmtree(out)
-        return None
-    stored, now = manifest["config"], exp.to_dict()
-    if {k: stored.get(k) for k in ("pair", "task", "run", "analyses")} != exp.compute_dict():
-        raise RunError(
-            f"{os.fspath(out)!r} holds a run of a different experiment ("
-            + _first_difference(
-                {k: stored.get(k) for k in ("pair", "task", "run", "analyses")},
-                {k: now[k] for k in ("pair", "task", "run", "analyses")},
-            )
-            + "). Choose a new --out for this experiment (or pass --overwrite to replace it)."
-        )
-    return manifest
-
-
-def _check_identity(
-    out: Path, stored: dict[str, Any], models: dict[str, Any], task: dict[str, Any]
-) -> None:
-    checks = [
-        ("reference weights", stored["models"]["reference"]["weights_hash"], models["reference"]["weights_hash"]),
-        ("intervened weights", stored["models"]["intervened"]["weights_hash"], models["intervened"]["weights_hash"]),
-        ("tokenizer", stored["models"].get("tokenizer_hash"), models.get("tokenizer_hash")),
-        ("prompt set", stored["task"].get("prompt_hash"), task.get("prompt_hash")),
-    ]  # fmt: skip
-    for what, before, now in checks:
-        if before != now:
-            raise RunError(
-                f"{os.fspath(out)!r} was run with other {what} (hash {before}, now {now}): its "
-                "stored results would not match a resumed run. Choose a new --out."
-            )
 
 
 def run_experiment(
@@ -277,19 +235,52 @@ def run_experiment(
     *,
     quiet: bool = False,
     overwrite: bool = False,
+    repair: bool = False,
 ) -> RunResult:
     """Run an experiment (an :class:`Experiment`, its dict, or a TOML path) into ``out_dir``.
 
     A directory holding an interrupted (or finished) run of the same experiment is resumed:
     complete analyses are skipped once the configuration and the models' weight hashes are
     checked against the manifest (:class:`~mechdelta.errors.RunError` on any mismatch; choose a
-    new ``out_dir``). ``overwrite=True`` deletes an existing run directory first (never a
-    directory that is not a mechdelta run). ``quiet`` silences progress output.
+    new ``out_dir``). Stored results that fail their checksums raise
+    :class:`~mechdelta.errors.RunCorruptError`; ``repair=True`` recomputes just those and keeps
+    the others. ``overwrite=True`` deletes an existing run's contents first and starts over
+    (never a directory that is not a mechdelta run). ``quiet`` silences progress output;
+    warnings are re-issued once each, after their analysis is stored.
+
+    The directory is locked for the whole run: another process writing it (a run, ``mechdelta
+    figures`` or ``report``) raises :class:`~mechdelta.errors.RunLockedError` here at once, and
+    so does this run for them. Two runs of the same experiment are not merged: the second is
+    refused, and re-launching it once the first is done finds everything complete.
     """
-    t_start = time.perf_counter()
+    if overwrite and repair:
+        raise RunError(
+            "overwrite=True (--overwrite) starts the run over, repair=True (--repair) keeps its "
+            "intact results and recomputes the damaged ones: pass only one"
+        )
     exp = Experiment.coerce(config_or_path)
+    source = None
+    if not isinstance(config_or_path, Experiment | Mapping):
+        source = os.path.abspath(config_or_path)
     out = Path(out_dir)
-    stored = _prepare_dir(out, exp, overwrite)
+    with run_lock(out, f"mechdelta run {source or exp.name}", create=True):
+        return _run_locked(exp, out, source, quiet=quiet, overwrite=overwrite, repair=repair)
+
+
+def _run_locked(
+    exp: Experiment,
+    out: Path,
+    source: str | None,
+    *,
+    quiet: bool,
+    overwrite: bool,
+    repair: bool,
+) -> RunResult:
+    t_start = time.perf_counter()
+    stored = prepare_dir(out, exp, overwrite=overwrite)
+    damaged = damaged_analyses(StoredRun(out, stored)) if stored is not None else {}
+    if damaged and not repair:
+        raise next(iter(damaged.values()))  # names --repair and --overwrite
     _say(quiet, f"mechdelta run {exp.name!r} -> {os.fspath(out)} ({len(exp.analyses)} analyses)")
 
     t0 = time.perf_counter()
@@ -304,16 +295,24 @@ def run_experiment(
     task_info = prepared.info()
     load_s = time.perf_counter() - t0
     if stored is not None:
-        _check_identity(out, stored, models, task_info)
+        check_identity(out, stored, models, task_info)
     _preflight(exp, pair, prepared)
+    for analysis_id in damaged:  # only now: the directory is known to be this run's
+        _say(quiet, f"{analysis_id}: stored result damaged, recomputing it (--repair)")
+        clear_analysis(out, analysis_id)
 
     env = environment()
     session = {"started": env["created"], "environment": env, "computed": [], "skipped": []}
+    if damaged:
+        session["repaired"] = list(damaged)
+    experiment_info: dict[str, Any] = {"name": exp.name, "description": exp.description}
+    if source is not None:
+        experiment_info["source"] = source
     manifest: dict[str, Any] = {
         "format": RUN_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
         "status": "running",
-        "experiment": {"name": exp.name, "description": exp.description},
+        "experiment": experiment_info,
         "environment": env,
         "models": models,
         "task": task_info,
@@ -327,7 +326,6 @@ def run_experiment(
         "static_figures_skipped": None,
         "sessions": [*(stored or {}).get("sessions", []), session],
     }
-    out.mkdir(parents=True, exist_ok=True)
     run = StoredRun(out, manifest)
     for entry in manifest["analyses"]:
         if run.is_complete(entry["id"]):
@@ -339,6 +337,7 @@ def run_experiment(
     ctx = _Context(pair, task, exp, progress=False if quiet else None)
     computed: list[str] = []
     skipped: list[str] = []
+    shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
     for i, (spec, entry) in enumerate(zip(exp.analyses, manifest["analyses"], strict=True)):
         label = f"[{i + 1}/{len(exp.analyses)}] {spec.id}"
         if entry["status"] == "complete":
@@ -369,12 +368,11 @@ def run_experiment(
         write_manifest(out, manifest)
         computed.append(spec.id)
         _say(quiet, f"{label}: done in {seconds:.1f} s")
-        seen: set[tuple[type, str]] = set()
-        for w in caught:  # shown once each, after the result is safely stored
+        for w in caught:  # shown once each per run, after the result is safely stored
             key = (w.category, str(w.message))
-            if key not in seen:
-                seen.add(key)
-                warnings.warn(w.message, w.category, stacklevel=2)
+            if key not in shown:
+                shown.add(key)
+                warnings.warn(w.message, w.category, stacklevel=3)
     session["skipped"] = skipped
 
     t0 = time.perf_counter()
@@ -385,7 +383,9 @@ def run_experiment(
     session["finished"] = environment()["created"]
     manifest["status"] = "complete"
     write_manifest(out, manifest)
-    return RunResult(out, manifest, tuple(computed), tuple(skipped), figures)
+    return RunResult(
+        out, manifest, tuple(computed), tuple(skipped), figures, repaired=tuple(damaged)
+    )
 
 
 # --- figures ----------------------------------------------------------------------------------------
@@ -442,9 +442,11 @@ def regenerate_figures(
 
     ``formats`` defaults to the run's ``[output] figures``; ``<id>.json`` is always written, and
     the same stored results always give the same figure JSON. Raises
-    :class:`~mechdelta.errors.RunError` for partial or corrupt run directories.
+    :class:`~mechdelta.errors.RunError` for partial or corrupt run directories, and
+    :class:`~mechdelta.errors.RunLockedError` while another process writes the directory.
     """
-    run = StoredRun.open(run_dir)
-    run.require_complete()
-    figures, _ = _write_figures(run, run.experiment, formats=formats, quiet=quiet)
+    with run_lock(run_dir, "mechdelta figures"):
+        run = StoredRun.open(run_dir)
+        run.require_complete()
+        figures, _ = _write_figures(run, run.experiment, formats=formats, quiet=quiet)
     return figures

@@ -4,7 +4,7 @@ A metric turns logits at a few positions per prompt into one number per prompt. 
 materialises ``[batch, pos, d_vocab]`` logits for a whole sequence: it gathers the residual stream
 at the positions a metric asks for (:meth:`Metric.positions`) and unembeds only those.
 
-Built-ins (by name in :class:`~mechdelta.task.Task`):
+Built-ins (by name in :class:`~mechdelta.core.task.Task`):
 
 - ``"logit_diff"``: ``logit[answer] - logit[wrong]`` at each prompt's last token.
 - ``"logprob"`` / ``"prob"``: log-probability / probability of ``answer`` at the last token.

@@ -1,8 +1,8 @@
 """Analysis specifications: one ``[[analyses]]`` entry of an experiment, validated, with a stable id.
 
 Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep`` and ``patch``. A new
-kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs.EXECUTORS` and a
-report section (:func:`mechdelta.report.register_section`).
+kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs.run.EXECUTORS` and a
+report section (:func:`mechdelta.report._build.register_section`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mechdelta._config import (
+from mechdelta.core.directions import Direction
+from mechdelta.core.sites import Component, Site
+from mechdelta.errors import ConfigError, MechDeltaError
+from mechdelta.runs._config import (
     check_bool,
     check_int,
     check_ints,
@@ -21,9 +24,6 @@ from mechdelta._config import (
     jsonable,
     short_hash,
 )
-from mechdelta.directions import Direction
-from mechdelta.errors import ConfigError, MechDeltaError
-from mechdelta.sites import Component, Site
 
 __all__ = ["ANALYSIS_KINDS", "KIND_KEYS", "AnalysisSpec"]
 

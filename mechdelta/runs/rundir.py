@@ -9,9 +9,13 @@
                                   complete, and it holds a SHA-256 of every other file
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures
       report.md, report.html      from ``mechdelta report RUN``
+      .mechdelta.lock             exists while a process writes the directory: holds an exclusive
+                                  lock (pid, host, command inside; see mechdelta.runs._lock)
 
 Every file is written atomically (temporary name, then rename). Anything missing, partial,
-corrupt or of another format raises :class:`~mechdelta.errors.RunError` saying what and where.
+corrupt or of another format raises :class:`~mechdelta.errors.RunError` saying what and where
+(:class:`~mechdelta.errors.RunIncompleteError` for unfinished runs,
+:class:`~mechdelta.errors.RunCorruptError` for damaged results, which ``--repair`` recomputes).
 """
 
 from __future__ import annotations
@@ -20,17 +24,25 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mechdelta._io import atomic_write_bytes, atomic_write_json
-from mechdelta.errors import MechDeltaError, RunError
-from mechdelta.experiment import Experiment
+from mechdelta.core._io import atomic_write_bytes, atomic_write_json
+from mechdelta.errors import MechDeltaError, RunCorruptError, RunError, RunIncompleteError
+from mechdelta.runs.experiment import Experiment
 
-__all__ = ["RUN_FORMAT", "RUN_FORMAT_VERSION", "StoredRun", "read_manifest", "result_loaders"]
+__all__ = [
+    "RUN_FORMAT",
+    "RUN_FORMAT_VERSION",
+    "StoredRun",
+    "read_manifest",
+    "result_loaders",
+    "run_command",
+]
 
 RUN_FORMAT = "mechdelta-run"
 RUN_FORMAT_VERSION = 1
@@ -45,9 +57,9 @@ _MANIFEST_KEYS = ("format", "format_version", "status", "config", "models", "tas
 
 def result_loaders() -> dict[str, Callable[[Path], Any]]:
     """Result type name (as stored in ``analysis.json``) -> its ``load``."""
-    from mechdelta.results import BothDirections, PatchResult, SweepResult
-    from mechdelta.shift import FactorialResult, ShiftResult
-    from mechdelta.weights import WeightDiff
+    from mechdelta.core.weights import WeightDiff
+    from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
+    from mechdelta.patching.shift import FactorialResult, ShiftResult
 
     return {
         "ShiftResult": ShiftResult.load,
@@ -112,6 +124,17 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"mechdelta reads version {RUN_FORMAT_VERSION}"
         )
     return data
+
+
+def run_command(run_dir: Path, manifest: dict[str, Any] | None, *flags: str) -> str:
+    """The ``mechdelta run`` command line that resumes (or, with flags, repairs) a run.
+
+    Names the experiment file the run was started from when the manifest recorded it."""
+    source = None
+    if manifest is not None and isinstance(manifest.get("experiment"), dict):
+        source = manifest["experiment"].get("source")
+    exp = shlex.quote(source) if isinstance(source, str) else "EXPERIMENT.toml"
+    return " ".join(["mechdelta run", exp, "--out", shlex.quote(os.fspath(run_dir)), *flags])
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -199,14 +222,32 @@ class StoredRun:
     def incomplete(self) -> tuple[str, ...]:
         return tuple(i for i in self.ids if not self.is_complete(i))
 
+    def command(self, *flags: str) -> str:
+        """The ``mechdelta run`` command line that resumes this run (see :func:`run_command`)."""
+        return run_command(self.path, self.manifest, *flags)
+
     def require_complete(self) -> None:
-        """Raise :class:`RunError` unless every analysis of the experiment is stored."""
+        """Raise :class:`RunIncompleteError` unless every analysis of the experiment is stored."""
         missing = self.incomplete()
         if missing:
-            raise RunError(
+            raise RunIncompleteError(
                 f"the run in {os.fspath(self.path)!r} is partial: {len(missing)} of "
-                f"{len(self.ids)} analyses are not complete ({', '.join(missing)}). Re-launch "
-                "`mechdelta run` with the same experiment and --out to resume it."
+                f"{len(self.ids)} analyses are not complete ({', '.join(missing)}). Resume it "
+                f"with the command that started it: `{self.command()}` (complete analyses are "
+                "kept)."
+            )
+
+    def require_finished(self) -> None:
+        """Raise :class:`RunIncompleteError` unless every analysis is stored *and* the run
+        finished (manifest status ``complete``: its figures were written)."""
+        self.require_complete()
+        status = self.manifest.get("status")
+        if status != "complete":
+            raise RunIncompleteError(
+                f"the run in {os.fspath(self.path)!r} is incomplete: its manifest says status "
+                f"{status!r}, so it was interrupted before it finished (its figures may be "
+                f"missing). Finish it with the command that started it: `{self.command()}` "
+                "(complete analyses are kept), then write the report."
             )
 
     def record(self, analysis_id: str, *, verify: bool = True) -> dict[str, Any]:
@@ -217,27 +258,38 @@ class StoredRun:
                 f"analysis {analysis_id!r} in {os.fspath(self.path)!r} is not complete (no "
                 f"{RESULTS}/{analysis_id}/{ANALYSIS}); re-launch the run to finish it"
             )
-        rec = _read_json(root / ANALYSIS, f"the record of analysis {analysis_id!r}")
+        try:
+            rec = _read_json(root / ANALYSIS, f"the record of analysis {analysis_id!r}")
+        except RunError as exc:
+            raise self._corrupt(str(exc)) from None
         if rec.get("format") != _ANALYSIS_FORMAT or rec.get("id") != analysis_id:
-            raise RunError(f"{os.fspath(root / ANALYSIS)!r} is not the record of {analysis_id!r}")
+            raise self._corrupt(
+                f"{os.fspath(root / ANALYSIS)!r} is not the record of {analysis_id!r}"
+            )
         files = rec.get("files")
         if not isinstance(files, dict) or not files:
-            raise RunError(f"{os.fspath(root / ANALYSIS)!r} lists no files: corrupt")
+            raise self._corrupt(f"{os.fspath(root / ANALYSIS)!r} lists no files: corrupt")
         if verify:
             for rel, digest in sorted(files.items()):
                 p = root / rel
                 if not p.is_file():
-                    raise RunError(
+                    raise self._corrupt(
                         f"analysis {analysis_id!r}: {os.fspath(p)!r} is missing (the run "
-                        "directory was modified after the run); re-run into a new --out"
+                        "directory was modified after the run)"
                     )
                 if _sha256(p) != digest:
-                    raise RunError(
+                    raise self._corrupt(
                         f"analysis {analysis_id!r}: {os.fspath(p)!r} is corrupt (its SHA-256 "
-                        "differs from the one recorded when it was written); re-run into a new "
-                        "--out"
+                        "differs from the one recorded when it was written)"
                     )
         return rec
+
+    def _corrupt(self, what: str) -> RunCorruptError:
+        return RunCorruptError(
+            f"{what}. Repair the run: `{self.command('--repair')}` recomputes only the damaged "
+            "analyses and keeps the others (run_experiment(..., repair=True)); `--overwrite` "
+            "instead starts the whole run over."
+        )
 
     def load(self, analysis_id: str, *, verify: bool = True) -> Any:
         """The stored result of one analysis (a ShiftResult, SweepResult, BothDirections, ...)."""
@@ -250,7 +302,7 @@ class StoredRun:
         try:
             return loader(self.result_dir(analysis_id))
         except MechDeltaError as exc:
-            raise RunError(f"analysis {analysis_id!r} cannot be read: {exc}") from None
+            raise self._corrupt(f"analysis {analysis_id!r} cannot be read: {exc}") from None
 
     def table(self, analysis_id: str) -> Any:
         """The analysis' stored parquet table as a DataFrame."""

@@ -1,7 +1,7 @@
 """Tasks: the prompts a shift is measured on, the answers, and the metric.
 
 A :class:`Task` is model-independent; :meth:`Task.prepare` tokenizes it for one
-:class:`~mechdelta.pair.ModelPair` into a :class:`PreparedTask` (right-padded token tensor,
+:class:`~mechdelta.core.pair.ModelPair` into a :class:`PreparedTask` (right-padded token tensor,
 per-prompt lengths, metric read positions). Causal attention means right padding never changes a
 real token's activations, and every metric reads each prompt at its own real positions, so ragged
 prompts are never silently misaligned. Sweeps *by position* need prompts of one length (else the
@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechdelta.core.metrics import Metric, MetricFn, MetricInputs, resolve_metric
 from mechdelta.errors import TaskError
-from mechdelta.metrics import Metric, MetricFn, MetricInputs, resolve_metric
 
 __all__ = ["PreparedTask", "Task"]
 
@@ -39,7 +39,7 @@ class Task:
         wrong: one contrasting token per prompt (for ``"logit_diff"``).
         corrupted: prompts of the same token lengths as ``prompts`` (for :func:`factorial`).
         metric: ``"logit_diff"``, ``"logprob"``, ``"prob"``, ``"loss"``, ``"kl_to_reference"``, a
-            :class:`~mechdelta.metrics.Metric`, or a callable ``fn(logits [batch, d_vocab],
+            :class:`~mechdelta.core.metrics.Metric`, or a callable ``fn(logits [batch, d_vocab],
             inputs) -> [batch]`` applied to each prompt's last-token logits.
         loss_mask: ``[batch, pos]`` booleans, True where token ``t`` is a scored target of
             ``"loss"`` (predicted at position ``t-1``; position 0 cannot be scored). Default: every

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mechdelta.pair import ModelPair
+from mechdelta.core.pair import ModelPair
 
 
 def tiny_pair(seed: int = 0) -> ModelPair:

@@ -15,20 +15,22 @@ from typing import Any
 
 import torch
 
-from mechdelta._compat import check_compatible, tokenizer_hash
-from mechdelta._loading import (
+from mechdelta.core._compat import check_compatible, tokenizer_hash
+from mechdelta.core._loading import (
     Processing,
     bridge_from_hf,
     bridge_processing,
     load_bridge,
+    load_tokenizer,
     merged_peft_model,
     resolve_device,
     resolve_dtype,
+    resolve_source,
 )
+from mechdelta.core.provenance import environment, weights_hash
+from mechdelta.core.sites import ModelShape
+from mechdelta.core.weights import WeightDiff, weight_diff
 from mechdelta.errors import IdenticalModelsError
-from mechdelta.provenance import environment, weights_hash
-from mechdelta.sites import ModelShape
-from mechdelta.weights import WeightDiff, weight_diff
 
 __all__ = ["ModelPair"]
 
@@ -85,14 +87,24 @@ class ModelPair:
         tokenizer: Any = None,
         allow_identical: bool = False,
     ) -> ModelPair:
-        """Load two checkpoints by hub name (needs internet) or local HF checkpoint directory.
+        """Load two checkpoints, each a local HF checkpoint directory or a hub name.
 
+        A string starting with ``/``, ``./``, ``../`` or ``~``, a path object, or anything that
+        exists is a local directory (written by ``save_pretrained``); any other name, such as
+        ``"EleutherAI/pythia-160m"``, is loaded from the Hugging Face hub, which with
+        ``HF_HUB_OFFLINE=1`` means from the local cache (``$HF_HOME/hub``) only.
+
+        ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``None``/``"auto"`` (the
+        first GPU when one is visible, else the CPU); a device that cannot work raises
+        :class:`~mechdelta.errors.DeviceError` before anything is loaded.
         ``processing="raw"`` keeps HF weights (logits match HF); ``"compat"`` applies
         TransformerLens's HookedTransformer-style processing to both models.
         """
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
+        for source in (reference, intervened):  # both checked before either (slow) load
+            resolve_source(source, need_tokenizer=tokenizer is None)
         ref = load_bridge(reference, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
         itv = load_bridge(intervened, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
         return cls(
@@ -111,11 +123,20 @@ class ModelPair:
         tokenizer: Any,
         processing: Processing | str = "raw",
         allow_identical: bool = False,
+        device: str | torch.device | None = None,
     ) -> ModelPair:
-        """Wrap two in-memory HuggingFace causal LMs (modified in place by the bridge)."""
+        """Wrap two in-memory HuggingFace causal LMs (modified in place by the bridge).
+
+        ``device`` moves both models there first; ``None`` leaves them where they are.
+        """
         proc = Processing.coerce(processing)
-        ref = bridge_from_hf(reference, tokenizer=tokenizer, processing=proc, name="reference")
-        itv = bridge_from_hf(intervened, tokenizer=tokenizer, processing=proc, name="intervened")
+        dev = None if device is None else resolve_device(device)
+        ref = bridge_from_hf(
+            reference, tokenizer=tokenizer, processing=proc, name="reference", device=dev
+        )
+        itv = bridge_from_hf(
+            intervened, tokenizer=tokenizer, processing=proc, name="intervened", device=dev
+        )
         return cls(
             ref,
             itv,
@@ -144,11 +165,9 @@ class ModelPair:
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
-        merged = merged_peft_model(base, adapter, dt).to(dev)
+        merged = merged_peft_model(base, adapter, dt, dev)
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(base))
+            tokenizer = load_tokenizer(base)
         ref = load_bridge(base, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
         itv = bridge_from_hf(merged, tokenizer=tokenizer, processing=proc, name="intervened")
         return cls(ref, itv, names=(os.fspath(base), f"{os.fspath(base)} + {os.fspath(adapter)}"))

@@ -1,6 +1,6 @@
 """Experiments: a TOML file naming the pair, the task, the analyses, the seeds and the outputs.
 
-An experiment is plain, frozen, validated data; :func:`mechdelta.runs.run_experiment` executes it
+An experiment is plain, frozen, validated data; :func:`mechdelta.runs.run.run_experiment` executes it
 into a run directory. Every unknown key is an error naming the key and the keys allowed there.
 
 .. code-block:: toml
@@ -53,7 +53,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
-from mechdelta._config import (
+from mechdelta.errors import ConfigError, MechDeltaError
+from mechdelta.runs._config import (
     check_bool,
     check_int,
     check_keys,
@@ -64,8 +65,7 @@ from mechdelta._config import (
     jsonable,
     short_hash,
 )
-from mechdelta.analyses import ANALYSIS_KINDS, KIND_KEYS, AnalysisSpec
-from mechdelta.errors import ConfigError, MechDeltaError
+from mechdelta.runs.analyses import ANALYSIS_KINDS, KIND_KEYS, AnalysisSpec
 
 __all__ = [
     "ANALYSIS_KINDS",
@@ -189,7 +189,7 @@ class TaskSpec:
             value = getattr(self, label)
             if value is not None and len(value) != n:
                 raise ConfigError(f"[task] {label} has {len(value)} entries for {n} prompts")
-        from mechdelta.metrics import resolve_metric
+        from mechdelta.core.metrics import resolve_metric
 
         try:
             resolve_metric(self.metric)
@@ -220,7 +220,7 @@ class TaskSpec:
 
     def build(self) -> Any:
         """The :class:`~mechdelta.Task` this spec describes."""
-        from mechdelta.task import Task
+        from mechdelta.core.task import Task
 
         def prompts(ps: tuple[str | tuple[int, ...], ...] | None) -> Any:
             return None if ps is None else [p if isinstance(p, str) else list(p) for p in ps]

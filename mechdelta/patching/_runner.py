@@ -180,7 +180,11 @@ class ModelRunner:
         layers = getattr(cache, "layers", None)
         if not layers or len(layers) != self.n_layers:
             return None
-        return [(layer.keys, layer.values) for layer in layers]
+        kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+        # Some transformers releases (5.24) return the cache object without filling it.
+        if any(not isinstance(t, Tensor) for pair in kv for t in pair):
+            return None
+        return [(k, v) for k, v in kv]
 
 
 def prefix_cache(kv: list[tuple[Tensor, Tensor]], rows: slice, p0: int, copies: int) -> Any:

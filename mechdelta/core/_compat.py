@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mechdelta._loading import bridge_processing
+from mechdelta.core._loading import bridge_processing
 from mechdelta.errors import (
     ArchitectureMismatchError,
     DeviceMismatchError,

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from mechdelta._engine import PatchEngine
-from mechdelta.directions import Direction
+from mechdelta.core.directions import Direction
+from mechdelta.core.sites import Site
 from mechdelta.errors import SiteError
-from mechdelta.results import BothDirections, PatchResult
-from mechdelta.shift import engine_shift
-from mechdelta.sites import Site
-from mechdelta.stats import Bootstrap, score_ci
+from mechdelta.patching._engine import PatchEngine
+from mechdelta.patching.results import BothDirections, PatchResult
+from mechdelta.patching.shift import engine_shift
+from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
-    from mechdelta.pair import ModelPair
-    from mechdelta.task import Task
+    from mechdelta.core.pair import ModelPair
+    from mechdelta.core.task import Task
 
 __all__ = ["as_sites", "patch"]
 
@@ -49,7 +49,7 @@ def patch(
     ``direction="reference->intervened"`` restores reference activations inside the intervened
     model (score: fraction of the shift undone); ``"intervened->reference"`` puts intervened
     activations into the reference model (fraction of the shift carried); ``"both"`` returns a
-    :class:`~mechdelta.results.BothDirections`. What each component's splice carries across the two
+    :class:`~mechdelta.patching.results.BothDirections`. What each component's splice carries across the two
     models is documented on :class:`~mechdelta.Component`.
 
     Sites at a fixed position need prompts of one token length (position p must be the same

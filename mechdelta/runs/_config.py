@@ -1,6 +1,6 @@
 """Typed readers for configuration tables (TOML / dicts): each raises ConfigError naming where
-the bad value is and what was expected. Private to :mod:`mechdelta.experiment` and
-:mod:`mechdelta.analyses`."""
+the bad value is and what was expected. Private to :mod:`mechdelta.runs.experiment` and
+:mod:`mechdelta.runs.analyses`."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ activations patches read), and runs *variants*: each variant is a set of sites s
 from the source model into the target model. Variants are stacked along the batch (variant-major
 rows ``v * B_chunk + b``) up to ``batch_budget`` rows per forward, sorted by layer so each stacked
 pass starts at the earliest patched layer from the target's cached residual (prefix reuse, see
-:mod:`mechdelta._runner`).
+:mod:`mechdelta.patching._runner`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from mechdelta._runner import CacheHooks, Hook, ModelRunner, prefix_cache
-from mechdelta.directions import Direction
+from mechdelta.core.directions import Direction
+from mechdelta.core.metrics import MetricInputs
+from mechdelta.core.sites import Component, ModelShape, Site, union
+from mechdelta.core.task import PreparedTask, Task
 from mechdelta.errors import ConfigError, PatchingError, SiteError
-from mechdelta.metrics import MetricInputs
-from mechdelta.sites import Component, ModelShape, Site
-from mechdelta.task import PreparedTask, Task
+from mechdelta.patching._runner import CacheHooks, Hook, ModelRunner, prefix_cache
 
 __all__ = ["PatchEngine"]
 
@@ -189,7 +189,7 @@ class PatchEngine:
 
     def provenance(self) -> dict[str, Any]:
         """Where a result came from: environment, both models' hashes, the prompts' hash."""
-        from mechdelta.provenance import environment
+        from mechdelta.core.provenance import environment
 
         return {
             **environment(),
@@ -347,13 +347,20 @@ class PatchEngine:
         p0: int = 0,
     ) -> tuple[list[Hook], set[str], set[str]]:
         """Hooks writing each variant's source values into its rows; the run's position axis
-        starts at ``p0`` (position reuse), source values are indexed by absolute position."""
+        starts at ``p0`` (position reuse), source values are indexed by absolute position.
+
+        A variant splices the *union* of its sites' activations (:func:`~mechdelta.core.sites.union`):
+        covered sites are dropped, and at a layer's attention output the heads' write corrections
+        (``head_out``, additive on the live z) run *before* any replacement of ``attn_out``, while
+        ``hook_z`` replacements run before z is captured for them, so no change is counted twice
+        and the order of the sites never matters.
+        """
         n_b = rows.stop - rows.start
         writes: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
         head_out: dict[int, list[tuple[slice, Any, int, Tensor]]] = defaultdict(list)
         for v, variant in enumerate(variants):
             vrows = slice(v * n_b, (v + 1) * n_b)
-            for site in variant:
+            for site in union(variant):
                 idx = site.index(self.shape)
                 axis = 2 if site.kind is Component.HEAD_PATTERN else 1
                 pos = idx[axis]
@@ -370,15 +377,24 @@ class PatchEngine:
                     writes[site.hook_name].append((write_at, value))
         fired: set[str] = set()
         hooks: list[Hook] = []
+        out_names = {f"blocks.{layer}.hook_attn_out": layer for layer in head_out}
         for name, ops in writes.items():
-            hooks.append((name, _writer(name, ops, fired)))
-        for layer, hops in head_out.items():
+            if name not in out_names:  # attn_out replacements go after the head corrections
+                hooks.append((name, _writer(name, ops, fired)))
+        for out_name, layer in out_names.items():
             z_name = f"blocks.{layer}.attn.hook_z"
             live: dict[str, Tensor] = {}
             w_tgt = self._w_o(tgt, layer)
-            out_name = f"blocks.{layer}.hook_attn_out"
+            # after any hook_z writer above: the correction must see the z W_O actually reads
             hooks.append((z_name, _capture(z_name, live, fired)))
-            hooks.append((out_name, _head_out_writer(out_name, hops, live, w_tgt, fired)))
+            hooks.append(
+                (
+                    out_name,
+                    _head_out_writer(
+                        out_name, head_out[layer], writes.get(out_name, []), live, w_tgt, fired
+                    ),
+                )
+            )
         expected = {name for name, _ in hooks}
         return hooks, fired, expected
 
@@ -472,16 +488,22 @@ def _capture(name: str, live: dict[str, Tensor], fired: set[str]) -> Any:
 def _head_out_writer(
     name: str,
     ops: list[tuple[slice, Any, int, Tensor]],
+    replace: list[tuple[tuple[Any, ...], Tensor]],
     live: dict[str, Tensor],
     w: Tensor,
     fired: set[str],
 ) -> Any:
+    """At a layer's attention output: swap each listed head's live write for the source's, then
+    apply any replacements of the whole output (which contain those heads' writes)."""
+
     def hook(x: Tensor, hook: Any) -> Tensor:
         z = live.pop("z")
         x = x.clone()
         for vrows, pos, head, c_src in ops:
             c_tgt = z[vrows][:, pos, head, :] @ w[head]
             x[vrows, pos] = x[vrows, pos] + (c_src - c_tgt).to(x.dtype)
+        for index, value in replace:
+            x[index] = value.to(x.dtype)
         fired.add(name)
         return x
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mechdelta.rundir import StoredRun
+from mechdelta.runs.rundir import StoredRun
 
 __all__ = ["Block", "Code", "Figure", "Section", "Table", "Text", "render_html", "render_md"]
 

@@ -12,16 +12,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechdelta._io import load_result, save_result
+from mechdelta.core._io import load_result, save_result
 from mechdelta.errors import ResultFormatError, TaskError
-from mechdelta.stats import Bootstrap, paired_shift_ci
+from mechdelta.stats.bootstrap import Bootstrap, paired_shift_ci
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from mechdelta.pair import ModelPair
-    from mechdelta.task import Task
+    from mechdelta.core.pair import ModelPair
+    from mechdelta.core.task import Task
 
 __all__ = [
     "FactorialResult",
@@ -198,7 +198,7 @@ def measure_shift(
     Warns (:class:`ShiftNotSignificantWarning`) when the ``1 - alpha`` bootstrap interval of the
     mean shift contains zero.
     """
-    from mechdelta._engine import PatchEngine
+    from mechdelta.patching._engine import PatchEngine
 
     engine = PatchEngine(pair, task)
     return engine_shift(engine, Bootstrap(n_boot, alpha, seed), warn=warn)
@@ -320,7 +320,7 @@ def factorial(
     """Run both models on clean and corrupted prompts: the 2x2 metrics and their interaction."""
     from dataclasses import replace
 
-    from mechdelta._engine import PatchEngine
+    from mechdelta.patching._engine import PatchEngine
 
     if task.corrupted is None:
         raise TaskError("factorial needs Task(corrupted=[...]): prompts with the input manipulated")

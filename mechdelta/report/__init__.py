@@ -1,0 +1,1 @@
+"""The transition report of a run directory: Markdown and self-contained HTML."""

@@ -1,0 +1,1 @@
+"""Statistics over prompts: bootstrap intervals for shifts and scores."""
