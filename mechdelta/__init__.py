@@ -6,15 +6,18 @@ patching activations across the two models. This module is the public API.
 
 from mechdelta import plotting, zoo
 from mechdelta._version import __version__
+from mechdelta.attribution.nodes import Method, attribute
+from mechdelta.attribution.results import AttributionResult, Verification
 from mechdelta.core._loading import Processing
 from mechdelta.core.directions import Direction
 from mechdelta.core.metrics import Metric, MetricInputs
 from mechdelta.core.pair import ModelPair
 from mechdelta.core.sites import Component, ModelShape, Site
-from mechdelta.core.task import PreparedTask, Task
+from mechdelta.core.task import Align, PreparedTask, Task
 from mechdelta.core.weights import WeightDiff, WeightDiffRow
 from mechdelta.errors import (
     ArchitectureMismatchError,
+    AttributionError,
     ConfigError,
     DeviceError,
     DeviceMismatchError,
@@ -45,8 +48,10 @@ from mechdelta.patching.patch import patch
 from mechdelta.patching.results import BothDirections, PatchResult, SiteScore, SweepResult
 from mechdelta.patching.shift import (
     FactorialResult,
+    PrecisionWarning,
     ShiftNotSignificantWarning,
     ShiftResult,
+    TooFewPromptsWarning,
     factorial,
     measure_shift,
 )
@@ -59,7 +64,10 @@ from mechdelta.stats.bootstrap import Bootstrap
 from mechdelta.zoo import ZooCard, ZooEntry
 
 __all__ = [
+    "Align",
     "ArchitectureMismatchError",
+    "AttributionError",
+    "AttributionResult",
     "Bootstrap",
     "BothDirections",
     "Component",
@@ -76,6 +84,7 @@ __all__ = [
     "IdenticalModelsError",
     "IncompatibleModelsError",
     "MechDeltaError",
+    "Method",
     "Metric",
     "MetricError",
     "MetricInputs",
@@ -86,6 +95,7 @@ __all__ = [
     "ModelShape",
     "PatchResult",
     "PatchingError",
+    "PrecisionWarning",
     "PreparedTask",
     "Processing",
     "ProcessingMismatchError",
@@ -105,12 +115,15 @@ __all__ = [
     "Task",
     "TaskError",
     "TokenizerMismatchError",
+    "TooFewPromptsWarning",
+    "Verification",
     "WeightDiff",
     "WeightDiffRow",
     "ZooCard",
     "ZooEntry",
     "ZooError",
     "__version__",
+    "attribute",
     "factorial",
     "measure_shift",
     "patch",

@@ -97,6 +97,10 @@ class PatchingError(MechDeltaError, RuntimeError):
     """A patch did not behave as required (a hook did not fire, a patch changed nothing, ...)."""
 
 
+class AttributionError(MechDeltaError, RuntimeError):
+    """Attribution cannot run as asked (no gradients, an unsupported method/component, ...)."""
+
+
 class ResultFormatError(MechDeltaError, ValueError):
     """A stored result or run directory is missing, partial, corrupt or of another version."""
 

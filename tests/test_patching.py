@@ -301,8 +301,9 @@ def test_a_hook_that_never_fires_is_an_error(twin, tokens, monkeypatch):
             PatchingError, match=r"never fired while caching: \['blocks.0.attn.hook_z'\]"
         ):
             _sweep(pair, task, "head_z")
-    # in a patched run, after clean runs that did fire
+    # in a patched run, after clean runs (and the engine's edit probe) that did fire
     engine = PatchEngine(pair, task, sites=[site])
+    engine.run(R2I, [[site]])
     with monkeypatch.context() as mp:
         _filtering(pair.intervened, mp, lambda name: name == "blocks.0.attn.hook_z")
         with pytest.raises(
@@ -312,6 +313,7 @@ def test_a_hook_that_never_fires_is_an_error(twin, tokens, monkeypatch):
     assert engine.run(R2I, [[site]]).shape == (1, len(tokens))  # fine again once restored
 
 
+@pytest.mark.filterwarnings("ignore::mechdelta.TooFewPromptsWarning")
 @pytest.mark.parametrize("n_prompts", [1, 6])
 def test_a_bridge_that_discards_edits_is_an_error(twin, tokens, monkeypatch, n_prompts):
     """A bridge whose hooks fire but whose edits are dropped must be caught, whatever the batch
@@ -335,6 +337,39 @@ def test_a_bridge_that_discards_edits_is_an_error(twin, tokens, monkeypatch, n_p
         _sweep(pair, task, Component.MLP_OUT)
 
 
+def test_edits_discarded_at_one_layer_only_are_caught_at_that_layer(twin, tokens, monkeypatch):
+    """The probe runs at every layer a patch touches (it used to probe the last layer only)."""
+    pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))
+    task = contrast_task(pair, tokens)
+    original = pair.intervened.run_with_hooks
+
+    def discarding(*args: Any, fwd_hooks: Any = (), **kwargs: Any) -> Any:
+        def ignore_result(fn: Any) -> Any:
+            def hook(x: torch.Tensor, hook: Any) -> None:
+                fn(x, hook=hook)
+
+            return hook
+
+        kept = [
+            (name, ignore_result(fn) if name == "blocks.0.hook_mlp_out" else fn)
+            for name, fn in fwd_hooks
+        ]
+        return original(*args, fwd_hooks=kept, **kwargs)
+
+    monkeypatch.setitem(pair.intervened.__dict__, "run_with_hooks", discarding)
+    md.patch(pair, task, "L2.mlp_out", n_boot=N_BOOT)  # the last layer takes edits
+    with pytest.raises(PatchingError, match=r"blocks\.0\.hook_mlp_out does not change"):
+        md.patch(pair, task, "L0.mlp_out", n_boot=N_BOOT)
+
+
+def test_an_empty_site_set_is_an_error(twin, tokens):
+    pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))
+    task = contrast_task(pair, tokens)
+    with pytest.raises(md.SiteError, match="at least one site"):
+        md.patch(pair, task, [], n_boot=N_BOOT)
+
+
+@pytest.mark.filterwarnings("ignore::mechdelta.TooFewPromptsWarning")
 def test_a_fixed_position_patch_on_ragged_prompts_is_refused(twin):
     """Position p is a different token in prompts of different lengths (or padding): refuse."""
     pair = make_pair(twin, lambda m: perturb_matching(m, lambda k: True))

@@ -3,6 +3,7 @@ shift warning, and the 2x2 model x input design."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -127,3 +128,54 @@ def test_factorial_needs_aligned_corrupted_prompts(pair, tokens):
         md.factorial(pair, task)
     with pytest.raises(TaskError, match="corrupted inputs must align"):
         md.measure_shift(pair, task)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_too_few_prompts_warn_and_are_never_significant(pair, tokens, n):
+    """One prompt used to give a zero-width interval and ``significant == True``."""
+    answers, wrong = contrast_answers(pair, tokens[:n])
+    task = Task(tokens[:n], answers=answers, wrong=wrong)
+    with pytest.warns(md.TooFewPromptsWarning, match="too few for a bootstrap interval"):
+        result = md.measure_shift(pair, task, n_boot=N_BOOT)
+    assert not result.significant
+    assert all(math.isnan(x) for x in result.ci)
+    assert "too few prompts for an interval" in str(result)
+    # site intervals too: NaN, not zero-width
+    with pytest.warns(md.TooFewPromptsWarning):
+        patched = md.patch(pair, task, "L1H0", n_boot=N_BOOT)
+    assert all(math.isnan(x) for x in patched.ci)
+    # a filter on ShiftNotSignificantWarning also covers it
+    assert issubclass(md.TooFewPromptsWarning, ShiftNotSignificantWarning)
+
+
+def test_min_prompts_follows_alpha():
+    from mechdelta.stats.bootstrap import min_prompts
+
+    assert min_prompts(0.05) == 4 and min_prompts(0.001) == 5 and min_prompts(0.5) == 3
+
+
+def test_a_half_precision_pair_with_a_small_shift_warns():
+    """bf16 logits carry ~3 significant digits: a shift near their rounding is flagged; the same
+    shift in float32, and a large bf16 shift, are not."""
+
+    def small(m):
+        m.blocks[1].attn.o.weight.mul_(1.002)
+
+    def large(m):
+        perturb_matching(m, lambda k: True)
+
+    rows = torch.randint(1, 50, (8, 7), generator=torch.Generator().manual_seed(4))
+    for dtype, edit, warns in (
+        (torch.bfloat16, small, True),
+        (torch.float32, small, False),
+        (torch.bfloat16, large, False),
+    ):
+        ref, itv = _builders.native_pair(edit)
+        pair = md.ModelPair(ref.to(dtype), itv.to(dtype))
+        answers, wrong = contrast_answers(pair, rows)
+        task = Task(rows, answers=answers, wrong=wrong)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            md.measure_shift(pair, task, n_boot=N_BOOT)
+        got = [w for w in caught if issubclass(w.category, md.PrecisionWarning)]
+        assert bool(got) == warns, (dtype, edit.__name__, [str(w.message) for w in caught])

@@ -271,7 +271,9 @@ def test_by_position_sweep_on_ragged_prompts_raises(setups):
     pair = setups["native"][0]
     rows = [[1, 2, 3, 4], [5, 6, 7]]
     task = md.Task(rows, answers=[1, 2], wrong=[3, 4])
-    with pytest.raises(TaskError, match=r"one token length \(got lengths \[3, 4\]\)"):
+    with pytest.raises(
+        TaskError, match=r"one token length \(got lengths \[3, 4\]\).*align='right'"
+    ):
         _sweep(pair, task, "head_out", per_position=True)
     with pytest.raises(TaskError, match="one token length"):
         _sweep(pair, task, "resid_pre", positions=[0])
@@ -316,3 +318,47 @@ def test_out_of_range_sites_in_a_patch_raise(setups):
         _sweep(attn_only, only_task, "mlp_out")
     with pytest.raises(SiteError, match="attention-only"):
         md.patch(attn_only, only_task, "L0N3", n_boot=N_BOOT)
+
+
+@pytest.mark.parametrize("family", ["native", "llama"])
+def test_right_aligned_positions_on_ragged_prompts_equal_each_prompt_alone(setups, family):
+    """``align="right"``: frame position a is token ``len_i - k + a`` of prompt i (k = the
+    shortest length); each prompt's patched metric equals a naive patch of that prompt alone at
+    its own real position."""
+    pair = setups[family][0]
+    vocab = int(pair.cfg.d_vocab)
+    rows = [random_tokens(1, n, vocab, seed=n)[0].tolist() for n in (6, 3, 5, 4)]
+    tokens, lengths = pad(rows)
+    answers, wrong = contrast_answers(pair, tokens, lengths)
+    task = md.Task(rows, answers=answers, wrong=wrong, align="right")
+    both = _sweep(pair, task, "head_out", per_position=True, layers=[0, 2], direction="both")
+    assert both.reference_to_intervened.coords["position"] == (0, 1, 2)
+    for result in both:
+        src = pair.model(result.direction.source)
+        tgt = pair.model(result.direction.target)
+        flat = result.per_prompt.reshape(-1, len(rows))
+        for i in (0, 5, 13, 22):
+            site = result.sites[i]
+            assert site.position is not None
+            for b, row in enumerate(rows):
+                metric = last_token_logit_diff(answers[b : b + 1], wrong[b : b + 1])
+                real = site.with_position(len(row) - 3 + site.position)
+                want = naive_patch(src, tgt, torch.tensor([row]), real, metric).item()
+                assert abs(flat[i, b].item() - want) < TOL, (b, str(site))
+    # a joint patch at one frame position of several components
+    joint = md.patch(pair, task, ["L1P2.resid_pre", "L0H1P1"], n_boot=N_BOOT)
+    assert joint.per_prompt.shape == (4,)
+
+
+def test_right_alignment_labels_only_shared_tokens():
+    rows = [[9, 4, 5, 6], [7, 5, 6], [1, 2, 3, 5, 6]]
+    prepared = md.Task(rows, answers=[1, 2, 3], wrong=[4, 5, 6], align="right").prepare(
+        None, n_ctx=16, d_vocab=20
+    )
+    assert prepared.frame_len == 3
+    assert prepared.frame_offsets.tolist() == [1, 0, 2]
+    assert prepared.position_tokens() == [None, "5", "6"]
+    left = md.Task(rows, answers=[1, 2, 3], wrong=[4, 5, 6]).prepare(None, n_ctx=16, d_vocab=20)
+    assert left.frame_offsets is None and left.position_tokens()[0] is None
+    with pytest.raises(TaskError, match="align must be 'left' or 'right'"):
+        md.Task(rows, answers=[1, 2, 3], wrong=[4, 5, 6], align="middle")

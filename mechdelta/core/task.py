@@ -4,8 +4,10 @@ A :class:`Task` is model-independent; :meth:`Task.prepare` tokenizes it for one
 :class:`~mechdelta.core.pair.ModelPair` into a :class:`PreparedTask` (right-padded token tensor,
 per-prompt lengths, metric read positions). Causal attention means right padding never changes a
 real token's activations, and every metric reads each prompt at its own real positions, so ragged
-prompts are never silently misaligned. Sweeps *by position* need prompts of one length (else the
-position axis would mean different tokens in different prompts) and say so.
+prompts are never silently misaligned. Work *by position* on ragged prompts needs an alignment:
+``align="left"`` (default) counts positions from the start and refuses ragged prompts (position p
+would be a different token in different prompts); ``align="right"`` counts them in the frame of
+the last ``k`` tokens of every prompt, ``k`` the shortest prompt's length ("the last k tokens").
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -22,10 +25,34 @@ from torch import Tensor
 from mechdelta.core.metrics import Metric, MetricFn, MetricInputs, resolve_metric
 from mechdelta.errors import TaskError
 
-__all__ = ["PreparedTask", "Task"]
+__all__ = ["Align", "PreparedTask", "Task"]
 
 PromptsLike = Sequence[str] | Sequence[Sequence[int]] | Tensor
 TokensLike = Sequence[str] | Sequence[int] | Tensor
+
+
+class Align(StrEnum):
+    """How positions of ragged prompts line up for by-position work.
+
+    - ``LEFT``: position p is token p of every prompt (prompts must have one length).
+    - ``RIGHT``: positions index the last ``k`` tokens of every prompt, ``k`` the shortest
+      prompt's length: position a is token ``len_i - k + a`` of prompt i.
+    """
+
+    LEFT = "left"
+    RIGHT = "right"
+
+    @classmethod
+    def coerce(cls, value: Align | str) -> Align:
+        if isinstance(value, Align):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise TaskError(
+                f"align must be 'left' or 'right', got {value!r}: 'right' lines ragged prompts "
+                "up at their last tokens"
+            ) from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +74,10 @@ class Task:
         prepend_bos: prepend the tokenizer's BOS token to string prompts (default: TL's
             convention, True when the tokenizer has one). Token prompts are used as given.
         name: a label for results and reports.
+        align: how by-position sites line up across ragged prompts (see :class:`Align`):
+            ``"left"`` (positions from the start; ragged prompts are refused for by-position
+            work) or ``"right"`` (positions index the last ``k`` tokens of every prompt, ``k`` the
+            shortest length). Metrics always read each prompt at its own real positions.
     """
 
     prompts: PromptsLike
@@ -57,10 +88,12 @@ class Task:
     loss_mask: Bool[Tensor, "batch pos"] | None = None
     prepend_bos: bool | None = None
     name: str = "task"
+    align: Align | str = Align.LEFT
     _metric: Metric = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_metric", resolve_metric(self.metric))
+        object.__setattr__(self, "align", Align.coerce(self.align))
         n = _count(self.prompts, "prompts")
         if n == 0:
             raise TaskError("Task needs at least one prompt")
@@ -172,20 +205,57 @@ class PreparedTask:
     def ragged(self) -> bool:
         return bool((self.lengths != self.seq_len).any())
 
+    @property
+    def align(self) -> Align:
+        return Align.coerce(self.task.align)
+
+    @property
+    def frame_len(self) -> int:
+        """Positions by-position work can address: the prompt length, or with right alignment
+        the shortest prompt's length (the last ``frame_len`` tokens of every prompt)."""
+        if self.align is Align.RIGHT:
+            return int(self.lengths.min())
+        return self.seq_len
+
+    @property
+    def frame_offsets(self) -> Int[Tensor, " batch"] | None:
+        """Per prompt, the real position of frame position 0 (None when it is 0 for every prompt,
+        i.e. frame position p is token p of every prompt)."""
+        if self.align is not Align.RIGHT:
+            return None
+        offsets = self.lengths - self.frame_len
+        return offsets if bool(offsets.any()) else None
+
     def require_aligned(self, why: str) -> None:
-        if self.ragged:
+        if self.ragged and self.align is Align.LEFT:
             raise TaskError(
                 f"{why} needs prompts of one token length (got lengths "
                 f"{sorted(set(self.lengths.tolist()))}): position p would be a different token in "
-                "different prompts. Group prompts by length into separate tasks."
+                "different prompts. Pass Task(..., align='right') to address the last k tokens of "
+                "every prompt (k = the shortest length), or group prompts by length into tasks."
             )
+
+    def position_tokens(self) -> list[str | None]:
+        """Per frame position, its token when every prompt has the same token there, else None
+        (the label a by-position figure may show without misleading)."""
+        offsets = self.frame_offsets
+        base = torch.zeros(self.batch_size, dtype=torch.long) if offsets is None else offsets
+        out: list[str | None] = []
+        for p in range(self.frame_len):
+            at = base + p
+            ids = self.tokens[torch.arange(self.batch_size), at]
+            real = bool((at < self.lengths).all())  # left-aligned ragged prompts: padding
+            same = real and bool((ids == ids[0]).all())
+            out.append(self._decode(int(ids[0])) if same else None)
+        return out
+
+    def _decode(self, token: int) -> str:
+        return str(token) if self.tokenizer is None else self.tokenizer.decode([token])
 
     def str_tokens(self, prompt: int = 0) -> list[str]:
         """Token strings of one prompt (token ids as text when there is no tokenizer)."""
         ids = self.tokens[prompt, : int(self.lengths[prompt])].tolist()
-        if self.tokenizer is None:
-            return [str(i) for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        return [self._decode(i) for i in ids]
 
     def info(self) -> dict[str, Any]:
         """The task's identity for provenance: name, metric, sizes and the prompt-set hash."""
@@ -194,6 +264,7 @@ class PreparedTask:
             "metric": self.metric.name,
             "n_prompts": self.batch_size,
             "seq_len": self.seq_len,
+            "align": self.align.value,
             "prompt_hash": self.prompt_hash(),
         }
 

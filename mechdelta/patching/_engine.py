@@ -40,7 +40,9 @@ class _ModelState:
     metric: Tensor | None = None  # [batch]
     logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
     kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values per layer (HF models)
-    probed: set[Component] = field(default_factory=set)  # hook kinds seen to take edits
+    probed: set[tuple[Component, int]] = field(
+        default_factory=set
+    )  # (kind, layer) seen to take edits
     prefix_checked: bool = False
     kv_checked: bool = False
     w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]
@@ -100,7 +102,7 @@ class PatchEngine:
         """Run both models once, caching what the given sites read (again only if new names)."""
         names = {f"blocks.{layer}.hook_resid_pre" for layer in range(self.shape.n_layers)}
         for site in sites:
-            site.validate(self.shape, self.prepared.seq_len)
+            site.validate(self.shape, self.prepared.frame_len)
             if site.position is not None:
                 # position p must be the same token in every prompt (not padding in some)
                 self.prepared.require_aligned(f"a patch at a fixed position ({site})")
@@ -226,7 +228,7 @@ class PatchEngine:
         flat = {s for v in variants for s in v}
         self.clean_run(flat)
         if flat:
-            self._check_effective(tgt, {s.kind for s in flat})
+            self._check_effective(tgt, {(s.kind, s.layer) for s in flat})
         batch = self.prepared.batch_size
         chunk_b = min(batch, self.budget)
         per_v = max(1, self.budget // chunk_b)
@@ -261,16 +263,9 @@ class PatchEngine:
         src = self.states[direction.source]
         tgt = self.states[direction.target]
         self.clean_run([site])
-        if site.kind is Component.HEAD_OUT:
-            assert site.head is not None
-            pos = site.index(self.shape)[1]
-            every = slice(0, self.prepared.batch_size)
-            a = self._head_write(src, site.layer, site.head, every, pos)
-            b = self._head_write(tgt, site.layer, site.head, every, pos)
-        else:
-            idx = site.index(self.shape)
-            a = src.cache[site.read_hook_name][idx]
-            b = tgt.cache[site.read_hook_name][idx]
+        every = slice(0, self.prepared.batch_size)
+        a = self._read(src, site, every)
+        b = self._read(tgt, site, every)
         value = float((a.float() - b.float()).norm())
         self._deltas[key] = value
         self._deltas[(direction.target, site)] = value
@@ -311,7 +306,8 @@ class PatchEngine:
         if start >= 0 and self.prefix_reuse:
             self._check_prefix_reuse(tgt)
             first = min(self._variant_key(v)[1] for v in variants)
-            if first > 0 and int(positions.min()) > 0 and self._key_values(tgt) is not None:
+            aligned = self.prepared.frame_offsets is None
+            if first > 0 and aligned and int(positions.min()) > 0 and self._key_values(tgt):
                 p0 = min(first, int(positions.min()))
         hooks, fired, expected = self._build_hooks(src, tgt, rows, variants, p0)
         runner = tgt.runner
@@ -361,20 +357,17 @@ class PatchEngine:
         for v, variant in enumerate(variants):
             vrows = slice(v * n_b, (v + 1) * n_b)
             for site in union(variant):
-                idx = site.index(self.shape)
-                axis = 2 if site.kind is Component.HEAD_PATTERN else 1
-                pos = idx[axis]
-                at = pos if site.position is None else site.position - p0
                 if site.position is None and p0:
                     raise PatchingError("an all-position site cannot run with position reuse")
+                pos = self._pos(rows, site)
+                at = pos - p0 if isinstance(pos, int) else pos
                 if site.kind is Component.HEAD_OUT:
                     assert site.head is not None
-                    c_src = self._head_write(src, site.layer, site.head, rows, pos)
+                    c_src = self._read(src, site, rows)
                     head_out[site.layer].append((vrows, at, site.head, c_src))
                 else:
-                    value = src.cache[site.read_hook_name][rows][idx]
-                    write_at = (vrows, *idx[1:axis], at, *idx[axis + 1 :])
-                    writes[site.hook_name].append((write_at, value))
+                    value = self._read(src, site, rows)
+                    writes[site.hook_name].append((self._index(site, vrows, at), value))
         fired: set[str] = set()
         hooks: list[Hook] = []
         out_names = {f"blocks.{layer}.hook_attn_out": layer for layer in head_out}
@@ -398,11 +391,32 @@ class PatchEngine:
         expected = {name for name, _ in hooks}
         return hooks, fired, expected
 
-    def _head_write(
-        self, state: _ModelState, layer: int, head: int, rows: slice, pos: Any
-    ) -> Tensor:
-        z = state.cache[f"blocks.{layer}.attn.hook_z"][rows][:, pos, head, :]
-        return z @ self._w_o(state, layer)[head]
+    def _pos(self, rows: slice, site: Site) -> Any:
+        """The site's position along the activation's position axis for prompts ``rows``: a
+        slice (every position), an int, or one position per prompt (right-aligned ragged
+        prompts: frame position p is token ``len_i - k + p`` of prompt i)."""
+        if site.position is None:
+            return slice(None)
+        offsets = self.prepared.frame_offsets
+        if offsets is None:
+            return site.position
+        return offsets[rows].to(self.device) + site.position
+
+    def _index(self, site: Site, rows: slice, pos: Any) -> tuple[Any, ...]:
+        """Index of the site's activation for batch ``rows`` at ``pos`` (see :meth:`_pos`)."""
+        idx = site.index(self.shape)
+        axis = 2 if site.kind is Component.HEAD_PATTERN else 1
+        return (*_at(rows, pos)[:1], *idx[1:axis], pos, *idx[axis + 1 :])
+
+    def _read(self, state: _ModelState, site: Site, rows: slice) -> Tensor:
+        """The site's clean activation in ``state``'s model for prompts ``rows``; for
+        ``head_out`` the head's own write ``z_h @ W_O[h]``."""
+        pos = self._pos(rows, site)
+        if site.kind is Component.HEAD_OUT:
+            assert site.head is not None
+            z = state.cache[f"blocks.{site.layer}.attn.hook_z"]
+            return z[(*_at(rows, pos), site.head)] @ self._w_o(state, site.layer)[site.head]
+        return state.cache[site.read_hook_name][self._index(site, rows, pos)]
 
     def _w_o(self, state: _ModelState, layer: int) -> Float[Tensor, "head d_head d_model"]:
         """Each head's slice of the output projection, read off the module (any weight layout)."""
@@ -431,23 +445,23 @@ class PatchEngine:
         state.w_o[layer] = w
         return w
 
-    def _check_effective(self, state: _ModelState, kinds: set[Component]) -> None:
-        """Writing noise into each patched hook kind must change the output (else a bridge
-        discards the edit, e.g. hooks fired after the HF module consumed the value)."""
-        layer = self.shape.n_layers - 1
-        rows = slice(0, 1)
-        positions = self.inputs.positions[rows]
-        tokens = self.tokens[rows]
+    def _check_effective(self, state: _ModelState, kinds: set[tuple[Component, int]]) -> None:
+        """Writing noise into each patched hook must change the output (else a bridge discards
+        the edit, e.g. hooks fired after the HF module consumed the value). Probed once per model
+        for every (component, layer) a patch touches, at head 0 / neuron 0, on one prompt."""
         todo = kinds - state.probed
         if not todo:
             return
+        rows = slice(0, 1)
+        positions = self.inputs.positions[rows]
+        tokens = self.tokens[rows]
         # The baseline is a run of the same single prompt: logits of a batch-1 run need not be
         # bitwise equal to the same prompt's logits inside a larger batch.
         clean = state.runner.logits_at(positions, tokens=tokens)
-        for kind in todo:
+        for kind, layer in sorted(todo):
             site = Site(
                 kind,
-                0 if kind is Component.EMBED else layer,
+                layer,
                 head=0 if kind.per_head else None,
                 neuron=0 if kind is Component.MLP_NEURON else None,
             )
@@ -463,7 +477,15 @@ class PatchEngine:
                     f"writing to {site.hook_name} does not change the {state.name} model's output: "
                     f"this bridge discards edits to {kind.value!r}, so it cannot be patched"
                 )
-            state.probed.add(kind)
+            state.probed.add((kind, layer))
+
+
+def _at(rows: slice, pos: Any) -> tuple[Any, Any]:
+    """Batch and position indices of prompts ``rows`` at ``pos``: a slice or an int applies to
+    every row; a tensor holds one position per row (advanced indexing pairs it with the rows)."""
+    if isinstance(pos, Tensor):
+        return torch.arange(rows.start, rows.stop, device=pos.device), pos
+    return rows, pos
 
 
 def _writer(name: str, ops: list[tuple[tuple[Any, ...], Tensor]], fired: set[str]) -> Any:
@@ -500,8 +522,9 @@ def _head_out_writer(
         z = live.pop("z")
         x = x.clone()
         for vrows, pos, head, c_src in ops:
-            c_tgt = z[vrows][:, pos, head, :] @ w[head]
-            x[vrows, pos] = x[vrows, pos] + (c_src - c_tgt).to(x.dtype)
+            at = _at(vrows, pos)
+            c_tgt = z[(*at, head)] @ w[head]
+            x[at] = x[at] + (c_src - c_tgt).to(x.dtype)
         for index, value in replace:
             x[index] = value.to(x.dtype)
         fired.add(name)

@@ -180,11 +180,13 @@ class ModelRunner:
         layers = getattr(cache, "layers", None)
         if not layers or len(layers) != self.n_layers:
             return None
-        kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-        # Some transformers releases (5.24) return the cache object without filling it.
-        if any(not isinstance(t, Tensor) for pair in kv for t in pair):
-            return None
-        return [(k, v) for k, v in kv]
+        kv: list[tuple[Tensor, Tensor]] = []
+        for layer in layers:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not isinstance(k, Tensor) or not isinstance(v, Tensor):
+                return None  # some transformers releases (5.24) return the cache unfilled
+            kv.append((k, v))
+        return kv
 
 
 def prefix_cache(kv: list[tuple[Tensor, Tensor]], rows: slice, p0: int, copies: int) -> Any:

@@ -52,10 +52,20 @@ def patch(
     :class:`~mechdelta.patching.results.BothDirections`. What each component's splice carries across the two
     models is documented on :class:`~mechdelta.Component`.
 
+    The sites are spliced as a *union*: every activation any site names takes the source's value
+    once; a site contained in another (the same head at one position inside all positions, a
+    head's write inside its layer's ``attn_out``) adds nothing, and the order never matters.
+
     Sites at a fixed position need prompts of one token length (position p must be the same
-    token in every prompt). ``prefix_reuse`` as in :func:`~mechdelta.sweep`.
+    token in every prompt) or ``Task(align="right")``. ``prefix_reuse`` as in
+    :func:`~mechdelta.sweep`.
     """
     chosen = as_sites(sites)
+    if not chosen:
+        raise SiteError(
+            "patch() needs at least one site: an empty joint patch is the target's clean run. "
+            "Give sites, e.g. patch(pair, task, ['L1H2', 'L0.attn_out'])"
+        )
     d = Direction.coerce(direction)
     engine = PatchEngine(
         pair, task, sites=chosen, batch_budget=batch_budget, prefix_reuse=prefix_reuse

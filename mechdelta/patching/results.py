@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -138,12 +138,17 @@ class PatchResult:
             ) from exc
 
 
+_Sweep = TypeVar("_Sweep", bound="SweepResult")
+
+
 @dataclass(frozen=True, eq=False)
 class SweepResult:
     """One patch per site over a grid (``dims``), in one direction.
 
     ``per_prompt`` has shape ``grid + (batch,)``, ``ci`` ``grid + (2,)``; :attr:`patched` and
-    :attr:`scores` have the grid's shape. ``tokens`` labels the position axis (prompt 0).
+    :attr:`scores` have the grid's shape. ``tokens`` holds prompt 0's tokens along the position axis;
+    ``shared_tokens`` per position the token every prompt has there (None where they differ; the
+    field is None for results stored before it existed).
     """
 
     component: Component
@@ -155,6 +160,7 @@ class SweepResult:
     shift: ShiftResult
     activation_delta: Float[Tensor, "*grid"] | None = None
     tokens: tuple[str, ...] | None = None
+    shared_tokens: tuple[str | None, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -261,7 +267,10 @@ class SweepResult:
             f"  {self.shift}\n{best}"
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    _KIND: ClassVar[str] = "sweep"
+
+    def _stored(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The JSON metadata and tensors :meth:`save` writes (subclasses extend both)."""
         tensors = {"per_prompt": self.per_prompt, "ci": self.ci, **self.shift._tensors("shift.")}
         if self.activation_delta is not None:
             tensors["activation_delta"] = self.activation_delta
@@ -271,36 +280,49 @@ class SweepResult:
             "dims": list(self.dims),
             "coords": {k: list(v) for k, v in self.coords.items()},
             "tokens": None if self.tokens is None else list(self.tokens),
+            "shared_tokens": None if self.shared_tokens is None else list(self.shared_tokens),
             "shift": self.shift._meta(),
             "provenance": self.provenance,
         }
-        save_result(path, "sweep", meta, tensors)
+        return meta, tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SweepResult:
-        meta, tensors = load_result(path, "sweep")
+    def _fields(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+        """Constructor arguments from stored metadata and tensors (subclasses extend)."""
+        return {
+            "component": Component(meta["component"]),
+            "direction": Direction(meta["direction"]),
+            "dims": tuple(meta["dims"]),
+            "coords": {k: tuple(v) for k, v in meta["coords"].items()},
+            "per_prompt": tensors["per_prompt"],
+            "ci": tensors["ci"],
+            "shift": ShiftResult._from(meta["shift"], tensors, "shift."),
+            "activation_delta": tensors.get("activation_delta"),
+            "tokens": None if meta.get("tokens") is None else tuple(meta["tokens"]),
+            "shared_tokens": (
+                None if meta.get("shared_tokens") is None else tuple(meta["shared_tokens"])
+            ),
+            "provenance": meta.get("provenance", {}),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        meta, tensors = self._stored()
+        save_result(path, self._KIND, meta, tensors)
+
+    @classmethod
+    def load(cls: type[_Sweep], path: str | os.PathLike[str]) -> _Sweep:
+        meta, tensors = load_result(path, cls._KIND)
         try:
-            return cls(
-                component=Component(meta["component"]),
-                direction=Direction(meta["direction"]),
-                dims=tuple(meta["dims"]),
-                coords={k: tuple(v) for k, v in meta["coords"].items()},
-                per_prompt=tensors["per_prompt"],
-                ci=tensors["ci"],
-                shift=ShiftResult._from(meta["shift"], tensors, "shift."),
-                activation_delta=tensors.get("activation_delta"),
-                tokens=None if meta.get("tokens") is None else tuple(meta["tokens"]),
-                provenance=meta.get("provenance", {}),
-            )
+            return cls(**cls._fields(meta, tensors))
         except ResultFormatError:
             raise
         except _MALFORMED as exc:
             raise ResultFormatError(
-                f"{os.fspath(path)!r} is not a valid sweep result: {exc!r}"
+                f"{os.fspath(path)!r} is not a valid {cls._KIND} result: {exc!r}"
             ) from exc
 
 
-R = TypeVar("R", PatchResult, SweepResult)
+R = TypeVar("R", bound=PatchResult | SweepResult)
 
 
 @dataclass(frozen=True, eq=False)

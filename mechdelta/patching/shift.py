@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mechdelta.core._io import load_result, save_result
 from mechdelta.errors import ResultFormatError, TaskError
-from mechdelta.stats.bootstrap import Bootstrap, paired_shift_ci
+from mechdelta.stats.bootstrap import Bootstrap, min_prompts, paired_shift_ci
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FactorialResult",
+    "PrecisionWarning",
     "ShiftNotSignificantWarning",
     "ShiftResult",
+    "TooFewPromptsWarning",
     "factorial",
     "measure_shift",
 ]
@@ -38,6 +40,16 @@ _MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 class ShiftNotSignificantWarning(UserWarning):
     """The shift's confidence interval contains zero: scores relative to it are not meaningful."""
+
+
+class PrecisionWarning(UserWarning):
+    """A half-precision pair's shift is small against the rounding of its logits: scores (fractions
+    of the shift) may differ from a float32 run by a tenth or more."""
+
+
+class TooFewPromptsWarning(ShiftNotSignificantWarning):
+    """Fewer prompts than a bootstrap interval needs (:func:`~mechdelta.stats.bootstrap.min_prompts`:
+    4 at ``alpha=0.05``): intervals are NaN and no shift is called significant."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,9 +84,10 @@ class ShiftResult:
 
     @property
     def significant(self) -> bool:
-        """Whether the ``1 - alpha`` interval of the shift excludes zero."""
+        """Whether the ``1 - alpha`` interval of the shift excludes zero (never with fewer than
+        :func:`~mechdelta.stats.bootstrap.min_prompts` prompts: the interval is then NaN)."""
         lo, hi = self.ci
-        return lo > 0 or hi < 0
+        return len(self.reference) >= min_prompts(self.alpha) and (lo > 0 or hi < 0)
 
     def to_dataframe(self) -> pd.DataFrame:
         import pandas as pd
@@ -96,7 +109,10 @@ class ShiftResult:
     def __str__(self) -> str:
         lo, hi = self.ci
         level = round(100 * (1 - self.alpha))
-        flag = "" if self.significant else "  (not distinguishable from 0)"
+        if len(self.reference) < min_prompts(self.alpha):
+            flag = f"  (too few prompts for an interval: {min_prompts(self.alpha)} or more needed)"
+        else:
+            flag = "" if self.significant else "  (not distinguishable from 0)"
         return (
             f"{self.metric} on {len(self.reference)} prompts: reference {self.reference_mean:.4g}, "
             f"intervened {self.intervened_mean:.4g}, shift {self.shift:+.4g} "
@@ -174,7 +190,16 @@ def make_shift(
         task=task,
         provenance=provenance,
     )
-    if warn and not result.significant:
+    if warn and len(reference) < min_prompts(boot.alpha):
+        warnings.warn(
+            f"{len(reference)} prompt(s) are too few for a bootstrap interval "
+            f"({min_prompts(boot.alpha)} or "
+            f"more needed): {result}. Intervals are NaN and the shift is not called significant; "
+            "add prompts.",
+            TooFewPromptsWarning,
+            stacklevel=4,
+        )
+    elif warn and not result.significant:
         warnings.warn(
             f"the shift is not distinguishable from zero ({result}); patching scores are "
             "fractions of it and will be noise. Use more prompts or a metric the intervention moves.",
@@ -205,6 +230,41 @@ def measure_shift(
 
 
 def engine_shift(engine: Any, boot: Bootstrap, *, warn: bool = True) -> ShiftResult:
+    result = _engine_shift(engine, boot, warn=warn)
+    if warn:
+        _check_precision(engine, result)
+    return result
+
+
+def _check_precision(engine: Any, result: ShiftResult) -> None:
+    """Warn when a half-precision pair's shift is within ten rounding scales of its logits.
+
+    The rounding scale is the dtype's machine epsilon times the mean (over prompts, both models)
+    of the largest |logit| the metric reads: one rounding of a logit of that size. A score is a
+    difference of metrics divided by the shift, so with ``|shift| < 10 x scale`` rounding alone can
+    move scores by 0.1 or more against float32 (measured: up to 0.1 for bf16 pairs).
+    """
+    dtype = engine.pair.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    scales = [
+        float(state.logits.float().abs().amax(dim=(1, 2)).mean())
+        for state in engine.states.values()
+        if state.logits is not None
+    ]
+    scale = torch.finfo(dtype).eps * max(scales, default=0.0)
+    if abs(result.shift) < 10 * scale:
+        warnings.warn(
+            f"the shift ({result.shift:+.4g}) is within ten rounding scales ({scale:.3g}) of this "
+            f"{str(dtype).removeprefix('torch.')} pair's logits: scores may move by "
+            f"{scale / max(abs(result.shift), 1e-12):.2g} of the shift or more against float32. "
+            "Load the pair with dtype='float32' for small shifts.",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+
+
+def _engine_shift(engine: Any, boot: Bootstrap, *, warn: bool) -> ShiftResult:
     return make_shift(
         engine.prepared.metric.name,
         engine.metric_of("reference"),

@@ -118,7 +118,7 @@ def sweep(
     comp, dims, coords = sweep_grid(
         component,
         pair.shape,
-        prepared.seq_len,
+        prepared.frame_len,
         per_position=per_position,
         layers=layers,
         heads=heads,
@@ -145,7 +145,11 @@ def sweep(
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
     shape = tuple(len(coords[k]) for k in dims)
-    tokens = None if prepared.ragged else tuple(prepared.str_tokens(0))
+    # prompt 0's tokens in the position frame, and per position the token all prompts share
+    offsets = prepared.frame_offsets
+    first = 0 if offsets is None else int(offsets[0])
+    tokens = tuple(prepared.str_tokens(0)[first : first + prepared.frame_len])
+    shared_tokens = tuple(prepared.position_tokens())
     results = []
     for single in d.singles:
         values = engine.run(single, [(s,) for s in sites], desc=f"{comp.value} {single.value}")
@@ -168,6 +172,7 @@ def sweep(
                 shift=shift,
                 activation_delta=delta.reshape(shape),
                 tokens=tokens,
+                shared_tokens=shared_tokens,
                 provenance={**engine.provenance(), "seed": seed},
             )
         )

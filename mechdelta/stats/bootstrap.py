@@ -16,7 +16,21 @@ from torch import Tensor
 
 from mechdelta.errors import ConfigError
 
-__all__ = ["Bootstrap", "paired_shift_ci", "score_ci"]
+__all__ = ["Bootstrap", "min_prompts", "paired_shift_ci", "score_ci"]
+
+
+def min_prompts(alpha: float) -> int:
+    """Fewest prompts a percentile bootstrap interval at level ``1 - alpha`` is built from.
+
+    A resample drawing one prompt n times has probability ``n**-n``; while that exceeds
+    ``alpha / 2`` the interval's ends are the smallest and largest prompt values themselves (for
+    ``alpha = 0.05``: 1, 2 and 3 prompts), not an interval of the mean. Below this count intervals
+    are NaN and nothing is called significant: 4 prompts for ``alpha = 0.05``, 5 for 0.001.
+    """
+    n = 2
+    while n**-n >= alpha / 2:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,10 @@ class Bootstrap:
 def paired_shift_ci(
     reference: Float[Tensor, " batch"], intervened: Float[Tensor, " batch"], boot: Bootstrap
 ) -> Float[Tensor, " 2"]:
-    """Interval of ``mean(intervened - reference)``, resampling prompts (paired)."""
+    """Interval of ``mean(intervened - reference)``, resampling prompts (paired); NaN with
+    fewer than :func:`min_prompts` prompts."""
+    if reference.shape[0] < min_prompts(boot.alpha):
+        return torch.full((2,), float("nan"))
     diff = (intervened - reference).double()
     w = boot.weights(diff.shape[0])
     return boot.interval(w @ diff).float()
@@ -68,7 +85,10 @@ def score_ci(
 
     ``toward_reference`` (reference -> intervened patching): ``(m_I - m_P) / (m_I - m_R)``;
     otherwise ``(m_P - m_R) / (m_I - m_R)``. Resamples whose shift is exactly 0 are dropped.
+    NaN with fewer than :func:`min_prompts` prompts.
     """
+    if reference.shape[0] < min_prompts(boot.alpha):
+        return torch.full((patched.shape[0], 2), float("nan"))
     w = boot.weights(reference.shape[0])
     m_r = w @ reference.double()
     m_i = w @ intervened.double()
