@@ -17,6 +17,21 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
+# First code cell of each notebook: figures are interactive where plotly.js runs and also carry a
+# static PNG (GitHub renders notebooks without running JavaScript). Set here, for this notebook's
+# kernel only; the package itself never changes plotly's renderers.
+STATIC_FALLBACK = (
+    "import plotly.io as pio\n"
+    "\n"
+    "from mechdelta.plotting import StaticFallbackRenderer\n"
+    "\n"
+    "# Show each figure interactively (JupyterLab, VS Code) plus a static PNG copy for viewers that\n"
+    "# cannot run plotly (GitHub, nbviewer). The PNG needs Chromium; without it, figures stay\n"
+    "# interactive only. This changes plotly's setting for this notebook's kernel only.\n"
+    'pio.renderers["mechdelta_png"] = StaticFallbackRenderer()\n'
+    'pio.renderers.default = "plotly_mimetype+mechdelta_png"'
+)
+
 QUICKSTART = [
     new_markdown_cell(
         "# Quickstart: where did the model's behaviour shift?\n\n"
@@ -24,8 +39,10 @@ QUICKSTART = [
         "by patching activations *across* the two models. This notebook loads the `induction` "
         "pair from the offline zoo, measures how much the behaviour shifted, and localises the "
         "shift by patching single sites and sweeping every attention head. Figures are plotly: "
-        "hover over them."
+        "hover over them (each also carries a static PNG, for viewers such as GitHub that do not "
+        "run plotly)."
     ),
+    new_code_cell(STATIC_FALLBACK),
     new_code_cell(
         "import mechdelta as md\n"
         "from mechdelta import zoo\n"
@@ -119,6 +136,7 @@ REPRODUCIBLE = [
         "seeds and the resolved configuration; each analysis' results (safetensors + JSON + a "
         "parquet table); and its figures."
     ),
+    new_code_cell(STATIC_FALLBACK),
     new_code_cell(EXPERIMENT_TOML),
     new_code_cell(
         "from pathlib import Path\n"
@@ -151,7 +169,6 @@ REPRODUCIBLE = [
     ),
     new_code_cell('result.load("sweep-head_out-both").figure()'),
     new_code_cell(
-        "import plotly.io as pio\n\n"
         "# a stored figure, straight from its JSON\n"
         'pio.from_json((figures / "shift.json").read_text())'
     ),

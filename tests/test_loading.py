@@ -151,8 +151,8 @@ def test_partial_cache_and_missing_tokenizer(hub_cache, tokenizer):
     )
     with pytest.raises(MissingTokenizerError, match="cached at .* without tokenizer files"):
         ModelPair.load("acme/no-tok", "acme/no-tok")
-    tok_files = tuple(f for f in ("tokenizer.json", "tokenizer_config.json"))
-    cache_repo(hub_cache, "acme/no-weights", "gpt2", tokenizer, files=("config.json", *tok_files))
+    files = ("config.json", "tokenizer.json", "tokenizer_config.json")  # no weights
+    cache_repo(hub_cache, "acme/no-weights", "gpt2", tokenizer, files=files)
     with pytest.raises(ModelLoadError, match="cached copy may be incomplete") as info:
         load_bridge("acme/no-weights", device="cpu", dtype=torch.float32, processing=Processing.RAW)
     assert "could not load hub model 'acme/no-weights'" in str(info.value)
@@ -203,6 +203,16 @@ def test_unusable_device_strings(device, needle, hf_checkpoints, tokenizer):
         ModelPair.from_hf(model, model, tokenizer=tokenizer, device=device)
     with pytest.raises(DeviceError, match="use 'cpu'"):  # checked before peft is imported
         ModelPair.from_peft(hf_checkpoints["gpt2"], hf_checkpoints["gpt2"], device=device)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu:0"])
+def test_accelerators_this_torch_cannot_see(device):
+    kind = device.split(":")[0]
+    module = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    if module is not None and module.is_available():
+        pytest.skip(f"{kind} is available here")
+    with pytest.raises(DeviceError, match=f"'{device}' is not available in this environment"):
+        resolve_device(device)
 
 
 def test_accepted_devices():
@@ -333,7 +343,9 @@ def _experiment(tmp_path: Path, reference: str, intervened: str, device: str) ->
         ),
     ],
 )
-def test_cli_prints_one_line(device, source, needle, tmp_path, monkeypatch, hf_checkpoints):
+def test_cli_prints_one_line(
+    device, source, needle, tmp_path, monkeypatch, hf_checkpoints, hub_cache
+):
     from mechdelta.cli import app
 
     monkeypatch.chdir(tmp_path)

@@ -93,6 +93,21 @@ def venv_kernel(tmp_path, monkeypatch):
     return "python3"
 
 
+def _assert_png_fallback(data: dict) -> None:
+    """A plotly output carries a PNG of the figure at its export size (GitHub shows the PNG; an
+    HTML/JS rendering would be preferred there and shown blank, so there is none)."""
+    import base64
+    import struct
+
+    assert "image/png" in data, "a figure without its static PNG copy"
+    assert "text/html" not in data
+    png = base64.b64decode(data["image/png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    layout = data["application/vnd.plotly.v1+json"]["layout"]
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (layout["meta"]["export_width"], layout["height"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, tmp_path, venv_kernel):
     from nbclient import NotebookClient
@@ -114,7 +129,37 @@ def test_notebook_executes(name, tmp_path, venv_kernel):
     assert "Traceback" not in streams
     figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert figures, "the notebook should show plotly figures inline"
+    for fig in figures:  # and a static PNG beside each, at the figure's own size, no text/html
+        _assert_png_fallback(fig["data"])
     if name.startswith("02"):
         assert (work / "runs" / "notebook" / "manifest.json").is_file()
         assert (work / "runs" / "notebook" / "report.html").is_file()
         assert "figures rebuilt; figure JSON identical" in streams
+
+
+def test_progress_shows_a_widget_bar_in_a_kernel(tmp_path, venv_kernel):
+    """mechdelta.core.progress in Jupyter: tqdm's notebook widget, items unchanged, and no
+    warning (tqdm.auto's TqdmExperimentalWarning would fail the cell here)."""
+    from nbclient import NotebookClient
+
+    code = (
+        "from mechdelta.core.progress import progress\n"
+        "items = [object() for _ in range(12)]\n"
+        'out = list(progress(items, desc="sweep"))\n'
+        "assert len(out) == 12 and all(a is b for a, b in zip(out, items))\n"
+        'assert list(progress(range(3), desc="few")) == [0, 1, 2]  # auto: no bar for 3 items\n'
+        'print("ok")'
+    )
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(WARNINGS_CELL), nbformat.v4.new_code_cell(code)]
+    )
+    NotebookClient(
+        nb, kernel_name=venv_kernel, timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = nb.cells[1].outputs
+    widgets = [
+        o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert len(widgets) == 1  # one bar (the 3-item loop shows none)
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert streams == "ok\n"  # no plain-line or carriage-return progress on stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ def make_sweep(
     component: Component = Component.HEAD_OUT,
     tokens: tuple[str, ...] | None = None,
     seed: float = 0.0,
+    shared_tokens: tuple[str | None, ...] | None = None,
 ) -> SweepResult:
     shift = make_shift()
     grid = tuple(len(coords[d]) for d in dims)
@@ -76,10 +78,13 @@ def make_sweep(
         shift=shift,
         activation_delta=_grid(grid, seed + 1.0).abs() * 3,
         tokens=tokens,
+        shared_tokens=shared_tokens,
     )
 
 
 TOKENS = ("<|endoftext|>", "A", " B", " C", " A", " B", " the", "\n", " the")
+# the prompts differ at positions 2 and 3 (prompt 0 has " B", " C" there)
+SHARED = tuple(None if p in (2, 3) else t for p, t in enumerate(TOKENS))
 
 
 def sweep_layer_head(direction: Direction = R2I) -> SweepResult:
@@ -97,6 +102,7 @@ def sweep_layer_position() -> SweepResult:
         {"layer": (0, 1, 2), "position": tuple(range(9))},
         component=Component.RESID_PRE,
         tokens=TOKENS,
+        shared_tokens=SHARED,
     )
 
 
@@ -301,21 +307,104 @@ def test_both_directions_share_one_range() -> None:
     m = max(float(a.scores.abs().max()), float(b.scores.abs().max()))
     assert all(t.zmax == pytest.approx(m) for t in fig.data)
     assert [t.showscale for t in fig.data] == [True, False]
-    titles = [a.text for a in fig.layout.annotations]
+    titles = [a.text.split("<br>")[0] for a in fig.layout.annotations]
     assert titles == ["reference → intervened", "intervened → reference"]
 
 
-def test_position_labels_use_tokens_and_are_unique() -> None:
+def _plain(text: str) -> str:
+    """Figure text without its markup (line breaks and font tags become spaces)."""
+    return " ".join(re.sub(r"<[^>]+>", " ", text).split())
+
+
+def test_each_direction_panel_says_what_its_score_means() -> None:
+    fig = P.both_directions_figure(BothDirections(sweep_layer_head(R2I), sweep_layer_head(I2R)))
+    r2i, i2r = (_plain(a.text) for a in fig.layout.annotations)
+    assert r2i.endswith("fraction of the shift undone by restoring the site's reference activation")
+    assert i2r.endswith("fraction of the shift carried by the site's intervened activation alone")
+    # the single-direction figure says the same in its subtitle
+    single = _plain(P.sweep_figure(sweep_layer_head(I2R)).layout.title.text)
+    assert "fraction of the shift carried by the site's intervened activation alone" in single
+    # facets (a row per head): only the top row of each direction carries the explanation
+    grid = {"layer": (0,), "position": (0, 1), "head": (0, 1)}
+    dims = ("layer", "position", "head")
+    facets = BothDirections(make_sweep(dims, grid), make_sweep(dims, grid, direction=I2R))
+    texts = [a.text for a in P.both_directions_figure(facets).layout.annotations]
+    assert ["undone" in t or "carried" in t for t in texts] == [True, True, False, False]
+    # joint patches: each panel too, and the single patch figure in its title
+    patches = P.both_directions_figure(BothDirections(make_patch(R2I), make_patch(I2R)))
+    r2i, i2r = (_plain(a.text) for a in patches.layout.annotations)
+    assert "shift undone by restoring" in r2i and "shift carried by" in i2r
+    assert "shift undone by restoring" in _plain(P.patch_figure(make_patch()).layout.title.text)
+
+
+def test_shift_panel_y_axis_names_the_metric() -> None:
+    fig = P.shift_figure(make_shift())
+    assert fig.layout.yaxis.title.text == "logit_diff"
+    assert fig.layout.yaxis2.title.text == "shift in logit_diff"
+
+
+def test_position_labels_show_a_token_only_where_every_prompt_has_it() -> None:
     fig = P.sweep_figure(sweep_layer_position())
     x = list(fig.data[0].x)
     assert len(set(x)) == len(x) == 9
-    assert x[0] == "0: &lt;|endoftext|&gt;" and x[6] == "6:  the" and x[7] == "7: ↵"
+    assert x[:4] == ["0: &lt;|endoftext|&gt;", "1: A", "2", "3"]  # prompts differ at 2 and 3
+    assert x[6] == "6:  the" and x[7] == "7: ↵"
+    assert fig.layout.xaxis.title.text == "position: token where all 6 prompts agree, else index"
     assert "L2P5.resid_pre" in json.dumps(fig.data[0].customdata)
-    no_tokens = make_sweep(
-        ("layer", "position"), {"layer": (0,), "position": (1, 3)}, component=Component.RESID_PRE
+    dims, coords = ("layer", "position"), {"layer": (0,), "position": (1, 3)}
+
+    def axis(**kw: Any) -> tuple[list[str], str]:
+        f = P.sweep_figure(make_sweep(dims, coords, component=Component.RESID_PRE, **kw))
+        return list(f.data[0].x), f.layout.xaxis.title.text
+
+    assert axis() == (["1", "3"], "position")
+    assert axis(tokens=TOKENS, shared_tokens=TOKENS) == (
+        ["1: A", "3:  C"],
+        "position: token (the same in all 6 prompts)",
     )
-    assert list(P.sweep_figure(no_tokens).data[0].x) == ["1", "3"]
+    assert axis(tokens=TOKENS, shared_tokens=(None,) * 9) == (
+        ["1", "3"],
+        "position (the 6 prompts' tokens differ at every position)",
+    )
+    # a result stored before shared_tokens existed: prompt 0's tokens, said to be prompt 0's
+    assert axis(tokens=TOKENS) == (
+        ["1: A", "3:  C"],
+        "position: prompt 0's token (scores: mean over 6 prompts)",
+    )
     assert P.position_labels([0, 1], ["a", "a"]) == ["0: a", "1: a"]
+    assert P.position_labels([0, 1, 5], ["a", None]) == ["0: a", "1", "5"]
+
+
+def test_one_prompt_labels_positions_with_its_tokens() -> None:
+    coords = {"layer": (0,), "position": (0, 1)}
+    r = make_sweep(("layer", "position"), coords, component=Component.RESID_PRE)
+    one = SweepResult(
+        r.component, r.direction, r.dims, r.coords, r.per_prompt[..., :1], r.ci, r.shift,
+        tokens=("x", "y"),
+    )  # fmt: skip
+    fig = P.sweep_figure(one)
+    assert list(fig.data[0].x) == ["0: x", "1: y"]
+    assert fig.layout.xaxis.title.text == "position: token"
+
+
+@pytest.mark.parametrize(("n_positions", "text"), [(9, True), (24, True), (25, False), (64, False)])
+def test_cell_values_are_printed_only_when_they_fit(n_positions: int, text: bool) -> None:
+    result = make_sweep(
+        ("layer", "position"),
+        {"layer": (0, 1), "position": tuple(range(n_positions))},
+        component=Component.RESID_PRE,
+    )
+    (trace,) = P.sweep_figure(result).data
+    assert (trace.texttemplate is not None) is text
+    assert "%{customdata[1]" in trace.hovertemplate  # the value is always in the hover
+
+
+def test_long_position_titles_are_written_once_per_row() -> None:
+    fig = P.sweep_figure(sweep_layer_position_head())
+    titles = [fig.layout[f"xaxis{'' if i == 1 else i}"].title.text for i in (1, 2, 3)]
+    assert titles == ["position: prompt 0's token (scores: mean over 6 prompts)", None, None]
+    heads = P.both_directions_figure(BothDirections(sweep_layer_head(R2I), sweep_layer_head(I2R)))
+    assert [heads.layout.xaxis.title.text, heads.layout.xaxis2.title.text] == ["head", "head"]
 
 
 def test_by_position_head_sweep_has_one_panel_per_head() -> None:
@@ -465,6 +554,39 @@ def test_static_export_writes_real_images(tmp_path: Path) -> None:
         "tokens.png",
     ]  # fmt: skip  (no temporary files left behind)
     print(f"static export: first figure {first:.2f} s (browser start), then {warm:.2f} s each")
+
+
+@needs_browser
+def test_static_fallback_renderer_adds_a_png_at_the_figures_size() -> None:
+    import base64
+
+    import plotly.io as pio
+
+    fig = FIGURES["both_directions"]()
+    renderer = P.StaticFallbackRenderer()
+    bundle = renderer.to_mimebundle(fig.to_plotly_json())
+    assert list(bundle) == ["image/png"]
+    png = base64.b64decode(bundle["image/png"])
+    assert _png_size(png) == P.figure_size(fig) == (720, 340)
+    # registered by a notebook for itself: importing mechdelta changes no plotly setting
+    assert "mechdelta_png" not in pio.renderers
+    assert "mechdelta_png" not in (pio.renderers.default or "")
+
+
+def test_static_fallback_renderer_without_a_browser_shows_the_figure_anyway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    renderer = P.StaticFallbackRenderer()
+    fig_dict = FIGURES["shift"]().to_plotly_json()
+    assert renderer.to_mimebundle(fig_dict) == {}
+    note = capsys.readouterr().err
+    assert (
+        note.startswith("note: figures are shown without a static PNG copy")
+        and "BROWSER_PATH" in note
+    )
+    assert renderer.to_mimebundle(fig_dict) == {}
+    assert capsys.readouterr().err == ""  # said once
 
 
 def test_html_export_needs_no_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,8 @@ Scores come from one of two sources, each checked against the target's clean pat
   queries set to the source's and keys pinned to the target's (and the reverse), so rotary
   embeddings, scales and soft-capping are the model's own.
 
-A key site at one position changes one *column* of the scores; the new softmax of each row has a
-closed form in the old probabilities, so every (query, key) pair is evaluated at once.
+A key site at one position changes one *column* of the scores: each key position's softmax is
+recomputed with that column replaced (a loop over positions, all prompts and heads at once).
 """
 
 from __future__ import annotations
@@ -51,22 +51,21 @@ def qk_fix(
     group = engine.shape.group_size
     out = {}
     for layer, name in zip(layers, names, strict=True):
-        a = pattern[name].double()
         g = grads[name].double()
         s, s2 = _masked(clean[layer]), _masked(swapped[layer])
+        a = torch.softmax(s, -1)  # the clean pattern, from the same scores as the patched one
         if comp is Component.HEAD_Q:
             rows_delta = ((torch.softmax(s2, -1) - a) * g).sum(-1)  # [b, h, q]
             by_pos = rows_delta.transpose(1, 2)
             out[layer] = (by_pos.float(), by_pos.sum(1).float())
             continue
-        # keys: one column replaced (closed form), or every column (all positions)
-        p = (a * g).sum(-1, keepdim=True)
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        new = torch.exp(torch.clamp(s2 - lse, max=80.0))  # exp(s'_k) / sum_j exp(s_j)
-        denom = 1 - a + new
-        est = (p - a * g + new * g) / denom - p
-        est = torch.where(torch.isfinite(s), est, torch.zeros_like(est))  # masked keys: no change
-        per_key = est.sum(2)  # [b, h, k]
+        # keys: one column of the scores replaced at a time, or every column (all positions)
+        n_pos = s.shape[-1]
+        per_key = torch.zeros((*s.shape[:-2], n_pos), dtype=s.dtype, device=s.device)
+        for k in range(n_pos):
+            mod = s.clone()
+            mod[..., k] = s2[..., k]
+            per_key[..., k] = ((torch.softmax(mod, -1) - a) * g).sum((-1, -2))
         every = ((torch.softmax(s2, -1) - a) * g).sum((-1, -2))  # [b, h]
         b, h, k = per_key.shape
         per_key = per_key.reshape(b, h // group, group, k).sum(2).transpose(1, 2)

@@ -179,15 +179,13 @@ def out_of_memory_as_error(what: str, device: torch.device, dtype: torch.dtype) 
         if not _is_out_of_memory(exc):
             raise
         detail = " ".join(str(exc).split())[:240] or type(exc).__name__
-        fixes = [
-            "load onto another device (device='cpu', or a GPU with more free memory)"
-            if device.type != "cpu"
-            else "use a machine with more memory"
-        ]
-        if dtype in (torch.float32, torch.float64):
-            fixes.insert(
-                0, "load in a smaller dtype (dtype='bfloat16' or 'float16': half of float32)"
-            )
+        half = "load in a smaller dtype (dtype='bfloat16' or 'float16': half of float32)"
+        fixes = [half] if dtype in (torch.float32, torch.float64) else []
+        fixes.append(
+            "use a machine with more memory"
+            if device.type == "cpu"
+            else "load onto another device (device='cpu', or a GPU with more free memory)"
+        )
         if device.type == "cuda":
             fixes.append(
                 "free GPU memory other models of this process hold (del them, then "
@@ -317,10 +315,8 @@ def _offline_flag() -> str | None:
 
     if not constants.is_offline_mode():
         return None
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return f"{var}={os.environ[var]}"
-    return "HF_HUB_OFFLINE"
+    set_vars = (v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v))
+    return next((f"{v}={os.environ[v]}" for v in set_vars), "HF_HUB_OFFLINE")
 
 
 def _hub_repo(name: str) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm import tqdm
 
 from mechdelta.core.directions import Direction
 from mechdelta.core.metrics import MetricInputs
+from mechdelta.core.progress import progress
 from mechdelta.core.sites import Component, ModelShape, Site, union
 from mechdelta.core.task import PreparedTask, Task
 from mechdelta.errors import ConfigError, PatchingError, SiteError
@@ -247,7 +247,7 @@ class PatchEngine:
             for v0 in range(0, len(order), per_v)
         ]
         self.last_run_variants = len(order)
-        for rows, chunk in tqdm(jobs, desc=desc, disable=self._quiet(len(jobs)), leave=False):
+        for rows, chunk in progress(jobs, total=len(jobs), desc=desc, enabled=self.progress):
             values = self._run_chunk(src, tgt, rows, [variants[i] for i in chunk])
             out[chunk, rows] = values.cpu()
         return out
@@ -270,11 +270,6 @@ class PatchEngine:
         self._deltas[key] = value
         self._deltas[(direction.target, site)] = value
         return value
-
-    def _quiet(self, n_jobs: int) -> bool | None:
-        if self.progress is None:
-            return None if n_jobs > 4 else True
-        return not self.progress
 
     def _variant_key(self, variant: Sequence[Site]) -> tuple[int, int]:
         positions = [s.position for s in variant]

@@ -103,7 +103,8 @@ def sweep(
             memory of the patched passes. Default 64. The clean runs' caches (each block's
             residual input plus the hooks the grid reads, for both models) come on top.
         n_boot, alpha, seed: bootstrap over prompts for the confidence intervals.
-        progress: show a progress bar (default: on a terminal, for sweeps of more than 4 passes).
+        progress: show progress (default: for more than 4 passes; a bar in Jupyter or on a
+            terminal, plain lines on stderr otherwise; False: silent).
         prefix_reuse: start each patched pass at the patched layer from the cached residual
             (exact; checked on every run). Disable to time the plain batched path.
 

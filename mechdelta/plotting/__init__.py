@@ -4,7 +4,8 @@ Every figure is built from a stored result alone (no model), sets its own templa
 (``plotly_white``; the global plotly default is never touched) and is deterministic: the same
 result gives the same ``fig.to_json()``. Patching scores use a diverging scale centred at 0 with a
 symmetric range, so white means "explains none of the shift" in every figure. Export (HTML, PNG,
-SVG, PDF) lives in :mod:`mechdelta.plotting._export`; everything is re-exported here.
+SVG, PDF; a static PNG beside each figure a notebook shows) lives in
+:mod:`mechdelta.plotting._export`; everything is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mechdelta.plotting._behaviour import (
 )
 from mechdelta.plotting._export import (
     FigureWriter,
+    StaticFallbackRenderer,
     figure_size,
     find_browser,
     to_html,
@@ -49,6 +51,7 @@ __all__ = [
     "SCORE_SCALE",
     "TEMPLATE",
     "FigureWriter",
+    "StaticFallbackRenderer",
     "attention_figure",
     "attention_figure_from_patterns",
     "attention_patterns",

@@ -10,19 +10,27 @@ work offline, so the browser is the system one (``bash scripts/setup.sh`` instal
             writer.write(fig, out / name)  # or write_figure(...): it uses the open writer
 
 Every file is written atomically (temporary file in the same directory, then renamed).
+
+In a notebook, :class:`StaticFallbackRenderer` adds a PNG of each figure to what the notebook
+shows, for viewers that cannot run plotly.js (GitHub, nbviewer); the notebook registers it
+itself, mechdelta never changes plotly's renderers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from plotly.io.base_renderers import MimetypeRenderer
 
 from mechdelta.core._io import atomic_write_bytes, atomic_write_text
 from mechdelta.errors import ExportError, MissingDependencyError
@@ -30,7 +38,14 @@ from mechdelta.errors import ExportError, MissingDependencyError
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-__all__ = ["STATIC_FORMATS", "TEXT_FORMATS", "FigureWriter", "find_browser", "write_figure"]
+__all__ = [
+    "STATIC_FORMATS",
+    "TEXT_FORMATS",
+    "FigureWriter",
+    "StaticFallbackRenderer",
+    "find_browser",
+    "write_figure",
+]
 
 TEXT_FORMATS = ("html", "json")
 STATIC_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
@@ -206,20 +221,22 @@ class FigureWriter:
 
     def image_bytes(
         self,
-        fig: go.Figure,
+        fig: go.Figure | dict[str, Any],
         fmt: str = "png",
         *,
         width: int | None = None,
         height: int | None = None,
     ) -> bytes:
-        """Render ``fig`` as a static image (``png``, ``svg``, ``pdf``, ``jpeg``, ``webp``)."""
+        """Render ``fig`` (a figure or its dict) as a static image (``png``, ``svg``, ``pdf``,
+        ``jpeg``, ``webp``)."""
         fmt = _format(fmt)
         if fmt not in STATIC_FORMATS:
             raise ExportError(f"{fmt!r} is not a static image format ({', '.join(STATIC_FORMATS)})")
         if self._renderer is None:
             self._renderer = _Renderer(find_browser())
         w, h = figure_size(fig, width, height)
-        return self._renderer.render(fig.to_plotly_json(), fmt, w, h, self.scale)
+        fig_dict = fig if isinstance(fig, dict) else fig.to_plotly_json()
+        return self._renderer.render(fig_dict, fmt, w, h, self.scale)
 
     def write(
         self,
@@ -293,13 +310,56 @@ def to_html(fig: go.Figure, div_id: str = "figure") -> str:
 
 
 def figure_size(
-    fig: go.Figure, width: int | None = None, height: int | None = None
+    fig: go.Figure | dict[str, Any], width: int | None = None, height: int | None = None
 ) -> tuple[int, int]:
-    """Export size in pixels: explicit, else the figure's layout, else its suggestion, else 900x600."""
-    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
-    w = width or fig.layout.width or meta.get("export_width") or _DEFAULT_WIDTH
-    h = height or fig.layout.height or meta.get("export_height") or _DEFAULT_HEIGHT
+    """Export size in pixels: explicit, else the figure's layout, else its suggestion, else 900x600.
+
+    ``fig`` may be a figure or its dict (``fig.to_plotly_json()``, what plotly renderers get).
+    """
+    layout = fig.get("layout", {}) if isinstance(fig, dict) else fig.layout.to_plotly_json()
+    meta = layout.get("meta") if isinstance(layout.get("meta"), dict) else {}
+    w = width or layout.get("width") or meta.get("export_width") or _DEFAULT_WIDTH
+    h = height or layout.get("height") or meta.get("export_height") or _DEFAULT_HEIGHT
     return int(w), int(h)
+
+
+class StaticFallbackRenderer(MimetypeRenderer):
+    """A plotly renderer adding a PNG of each figure, at its export size (:func:`figure_size`),
+    to what a notebook shows: JupyterLab and VS Code draw the interactive figure, viewers that
+    cannot run plotly.js (GitHub, nbviewer, nbconvert) show the PNG. A notebook registers it for
+    itself (mechdelta changes no plotly setting)::
+
+        import plotly.io as pio
+        from mechdelta.plotting import StaticFallbackRenderer
+
+        pio.renderers["mechdelta_png"] = StaticFallbackRenderer()
+        pio.renderers.default = "plotly_mimetype+mechdelta_png"
+
+    Each image starts the browser (~2 s). With no Chrome/Chromium, or when an image fails, the
+    figure is shown without its PNG and a one-line note on stderr says why (once): displaying a
+    figure never fails because of the fallback.
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+        self._unavailable: str | None = None
+
+    def to_mimebundle(self, fig_dict: dict[str, Any]) -> dict[str, str]:
+        if self._unavailable is not None:
+            return {}
+        try:
+            find_browser()
+            with FigureWriter(scale=self.scale) as writer:
+                data = writer.image_bytes(fig_dict, "png")
+        except (ExportError, MissingDependencyError) as exc:
+            self._unavailable = str(exc)
+            print(
+                f"note: figures are shown without a static PNG copy (viewers without plotly.js, "
+                f"e.g. GitHub, will not see them): {exc}",
+                file=sys.stderr,
+            )
+            return {}
+        return {"image/png": base64.b64encode(data).decode("ascii")}
 
 
 def _format(fmt: str) -> str:

@@ -151,5 +151,6 @@ def both_directions_figure(result: BothDirections[Any]) -> go.Figure:
     grid = [list(pair) for pair in zip(*per_dir, strict=True)]  # one row per facet
     m = _sym_max(first.scores.double().numpy(), second.scores.double().numpy())
     fig, h, w = _panel_figure(grid, m, _hover(first.shift.metric, _level(first.shift.alpha)))
+    fig.update_annotations(font_size=14)
     title = _title(f"{first.component.value} patching, both directions", _shift_line(first.shift))
     return _finish(fig, title, h, w)

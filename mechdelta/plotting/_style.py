@@ -78,7 +78,9 @@ def _score_meaning(d: Direction) -> str:
 
 def _score_meaning_lines(d: Direction) -> str:
     """:func:`_score_meaning` as two small lines, for a panel title over a narrow panel."""
-    return "<br><sup>" + "<br>".join(_MEANING[d.toward_reference]) + "</sup>"
+    return "".join(
+        f"<br><span style='font-size:11px'>{p}</span>" for p in _MEANING[d.toward_reference]
+    )
 
 
 def _title(main: str, *subs: str) -> dict[str, Any]:

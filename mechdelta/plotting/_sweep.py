@@ -33,6 +33,7 @@ from mechdelta.plotting._style import (
 # --- sweeps --------------------------------------------------------------------------------------
 
 _AXIS_PREFIX = {"layer": "L", "head": "H", "neuron": "N"}
+_SHORT_TITLE = 20  # characters of an x axis title that fit under a narrow panel
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _position_axis(result: SweepResult) -> tuple[list[str], str]:
     """
     positions = result.coords["position"]
     n = int(result.per_prompt.shape[-1])
-    shared: Sequence[str | None] | None = getattr(result, "shared_tokens", None)
+    shared: Sequence[str | None] | None = result.shared_tokens
     if shared is None and result.tokens is not None:
         if n != 1:
             title = f"position: prompt 0's token (scores: mean over {n} prompts)"
@@ -165,7 +166,9 @@ def _add_panel(
 ) -> None:
     """Add one panel at ``at`` = (row, col, bottom row?); ``text``: print values in the cells."""
     row, col, bottom = at
-    xtitle = p.xtitle if bottom else None
+    # a long axis title (the position axis' note on tokens) once, under the first column: repeated
+    # under every panel of a row it would run into the next one
+    xtitle = p.xtitle if bottom and (col == 1 or len(p.xtitle) <= _SHORT_TITLE) else None
     if p.kind == "bar":
         assert p.lo is not None and p.hi is not None
         fig.add_trace(
