@@ -163,6 +163,7 @@ def test_loss_mask_selects_targets_and_is_validated():
 # --- end to end: ragged tasks on a pair ----------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::mechdelta.TooFewPromptsWarning")
 def test_ragged_shift_equals_each_prompt_alone():
     ref, itv = _builders.native_pair(lambda m: perturb_matching(m, lambda k: True))
     pair = md.ModelPair(ref, itv)
