@@ -6,10 +6,13 @@ patching activations across the two models. This module is the public API.
 
 from mechdelta import plotting, zoo
 from mechdelta._version import __version__
+from mechdelta.attribution._edge_result import EdgeAttribution, EdgeScore
+from mechdelta.attribution.edges import attribute_edges
 from mechdelta.attribution.nodes import Method, attribute
 from mechdelta.attribution.results import AttributionResult, Verification
 from mechdelta.core._loading import Processing
 from mechdelta.core.directions import Direction
+from mechdelta.core.graph import Edge, Graph, Node
 from mechdelta.core.metrics import Metric, MetricInputs
 from mechdelta.core.pair import ModelPair
 from mechdelta.core.sites import Component, ModelShape, Site
@@ -77,9 +80,13 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "Direction",
     "DtypeMismatchError",
+    "Edge",
+    "EdgeAttribution",
+    "EdgeScore",
     "Experiment",
     "ExportError",
     "FactorialResult",
+    "Graph",
     "HookMismatchError",
     "IdenticalModelsError",
     "IncompatibleModelsError",
@@ -93,6 +100,7 @@ __all__ = [
     "ModelLoadError",
     "ModelPair",
     "ModelShape",
+    "Node",
     "PatchResult",
     "PatchingError",
     "PrecisionWarning",
@@ -124,6 +132,7 @@ __all__ = [
     "ZooError",
     "__version__",
     "attribute",
+    "attribute_edges",
     "factorial",
     "measure_shift",
     "patch",

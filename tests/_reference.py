@@ -259,9 +259,40 @@ def naive_union_patch(
         name = _HOOKS[site.kind].format(L=site.layer)
         mask = masks.setdefault(name, torch.zeros(cache[name].shape, dtype=torch.bool))
         mask[_index(site, n_heads, n_kv)] = True
+    # The residual after attention (resid_pre + attn_out) is set through the attention output:
+    # hook_resid_mid itself is only the MLP norm's input in TL 4 bridges.
+    mid_layers = sorted(int(n.split(".")[1]) for n in masks if n.endswith("hook_resid_mid"))
+    live_pre: dict[int, Tensor] = {}
     hooks: list[tuple[str, Callable[..., Any]]] = []
+    for layer in mid_layers:
+        pre_name, out_name = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_attn_out"
+        masks.setdefault(out_name, torch.zeros(cache[out_name].shape, dtype=torch.bool))
+
+        def grab_pre(x: Tensor, hook: Any, layer: int = layer) -> None:
+            live_pre[layer] = x.detach().clone()
+
+        hooks.append((pre_name, grab_pre))
+
+    def mid_fix(x: Tensor, layer: int) -> Tensor:
+        name = f"blocks.{layer}.hook_resid_mid"
+        if name not in masks:
+            return x
+        return torch.where(masks[name], cache[name] - live_pre[layer], x)
+
     for name, mask in masks.items():
+        if name.endswith("hook_resid_mid"):
+            continue
         if name.endswith("hook_attn_out") and int(name.split(".")[1]) in head_masks:
+            continue
+        if name.endswith("hook_attn_out"):
+            layer = int(name.split(".")[1])
+
+            def replace_out(
+                x: Tensor, hook: Any, name: str = name, mask: Tensor = mask, layer: int = layer
+            ) -> Tensor:
+                return mid_fix(torch.where(mask, cache[name], x), layer)
+
+            hooks.append((name, replace_out))
             continue
 
         def replace(x: Tensor, hook: Any, name: str = name, mask: Tensor = mask) -> Tensor:
@@ -304,7 +335,7 @@ def naive_union_patch(
                 x = x + hmask[None, :, h, None] * (src - live)
             if out_name in masks:
                 x = torch.where(masks[out_name], cache[out_name], x)
-            return x
+            return mid_fix(x, int(out_name.split(".")[1]))
 
         hooks.extend([(z_name, grab), (out_name, swap)])
     with torch.no_grad():

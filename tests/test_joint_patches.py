@@ -159,3 +159,20 @@ def test_union_drops_covered_sites_and_keeps_order():
     assert Site("attn_out", 1).covers(Site("head_out", 1, head=0, position=3))
     assert not Site("attn_out", 0).covers(Site("head_out", 1, head=0))
     assert not Site("head_z", 1, head=2).covers(Site("head_out", 1, head=2))
+
+
+@pytest.mark.parametrize("family", ["native", "gpt2", "llama"])
+def test_resid_mid_splices_the_residual_stream(family, native_pair, hf_pairs):
+    """The residual after attention is resid_pre + attn_out: splicing it equals splicing both at
+    every position, or at the last position (no later query reads the new resid_pre there). In
+    TL 4 bridges hook_resid_mid is only the MLP norm's input; writing there left the residual
+    stream unchanged."""
+    pair = _pairs(family, native_pair, hf_pairs)
+    task = contrast_task(pair, random_tokens(4, SEQ, int(pair.cfg.d_vocab), seed=13))
+    engine = PatchEngine(pair, task)
+    for d in (R2I, I2R):
+        for pos in (None, SEQ - 1):
+            mid = [Site("resid_mid", 1, position=pos)]
+            both = [Site("resid_pre", 1, position=pos), Site("attn_out", 1, position=pos)]
+            got, want = engine.run(d, [mid, both])
+            assert torch.allclose(got, want, atol=TOL), (family, d.value, pos)

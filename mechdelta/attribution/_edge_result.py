@@ -33,6 +33,9 @@ class EdgeScore:
     score: float
     fraction: float
 
+    def __repr__(self) -> str:
+        return f"EdgeScore({self.edge}, score={self.score:+.4g}, fraction={self.fraction:+.4g})"
+
     def __str__(self) -> str:
         return f"{self.edge!s:>22}  score {self.score:+.4g}  fraction {self.fraction:+.3f}"
 
@@ -63,9 +66,7 @@ class EdgeAttribution:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.per_prompt.shape[0] != len(self.edges) or self.bias.shape[0] != len(
-            self.receivers
-        ):
+        if self.per_prompt.shape[0] != len(self.edges) or self.bias.shape[0] != len(self.receivers):
             raise ResultFormatError(
                 f"edge arrays do not match: {len(self.edges)} edges, per_prompt "
                 f"{tuple(self.per_prompt.shape)}; {len(self.receivers)} receivers, bias "
@@ -152,7 +153,11 @@ class EdgeAttribution:
     # --- storage ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        tensors = {"per_prompt": self.per_prompt, "bias": self.bias, **self.shift._tensors("shift.")}
+        tensors = {
+            "per_prompt": self.per_prompt,
+            "bias": self.bias,
+            **self.shift._tensors("shift."),
+        }
         meta = {
             "edges": [str(e) for e in self.edges],
             "receivers": list(self.receivers),

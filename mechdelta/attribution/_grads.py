@@ -39,7 +39,8 @@ def grad_pass(
 ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor], dict[str, Tensor]]:
     """Metric per prompt, and per hook ``name`` the gradient of ``sum(metric)`` with respect to
     the activation there (zeros where the metric does not depend on it); with ``values=True``
-    also the activations as they were in this pass (after ``edits``), detached."""
+    also the activations as they were in this pass (after ``edits``), detached. ``edits`` may
+    name hooks outside ``names`` (e.g. a stop-gradient), which get no probe."""
     if torch.is_inference_mode_enabled():
         raise AttributionError(
             "attribution needs gradients, but torch.inference_mode() is active: call it outside "
@@ -49,10 +50,15 @@ def grad_pass(
     seen: dict[str, Tensor] = {}
     edits = edits or {}
 
+    probed = set(names)
+
     def hook_for(name: str) -> Callable[..., Tensor]:
         def hook(x: Tensor, hook: Any) -> Tensor:
             if name in edits:
                 x = edits[name](x)
+            if name not in probed:
+                fired.add(name)
+                return x
             if values:
                 seen[name] = x.detach()
             probe = torch.zeros_like(x, requires_grad=True)
@@ -61,13 +67,14 @@ def grad_pass(
 
         return hook
 
-    hooks = [(name, hook_for(name)) for name in dict.fromkeys(names)]
+    fired: set[str] = set()
+    hooks = [(name, hook_for(name)) for name in dict.fromkeys([*names, *edits])]
     try:
         with torch.enable_grad():
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
             idx = positions.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1])
             per_prompt = metric(logits.gather(1, idx), inputs)
-            missing = [n for n in dict.fromkeys(names) if n not in probes]
+            missing = [n for n, _ in hooks if n not in probes and n not in fired]
             if missing:
                 raise AttributionError(
                     f"hooks {missing} never fired in the gradient pass: this bridge does not route "

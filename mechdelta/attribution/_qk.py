@@ -33,7 +33,13 @@ _TOL = 1e-4
 
 
 def qk_fix(
-    engine: Any, src: Any, tgt: Any, comp: Component, layers: list[int], rows: slice
+    engine: Any,
+    src: Any,
+    tgt: Any,
+    comp: Component,
+    layers: list[int],
+    rows: slice,
+    edits: dict[str, Any] | None = None,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """Per layer the QK-fixed estimates: by position ``[b, pos, head_axis]`` (query heads for
     head_q, key/value heads for head_k) and for all-position sites ``[b, head_axis]``."""
@@ -45,6 +51,7 @@ def qk_fix(
         engine.inputs.select(rows),
         engine.prepared.metric,
         names,
+        edits=edits,
         values=True,
     )
     clean, swapped = _scores(engine, src, tgt, comp, layers, rows, pattern)

@@ -90,7 +90,7 @@ def attribute_edges(
     graph = Graph.from_model(pair)
     out = [_attribute(engine, graph, one, m, steps, shift) for one in d.singles]
     if d is Direction.BOTH:
-        return BothDirections(*cast(Any, out))
+        return BothDirections(out[0], out[1])
     return out[0]
 
 
@@ -131,7 +131,7 @@ class _Layout:
 
     def values(self) -> list[str]:
         """Everything a chunk reads: writes, z, norm inputs, the final residual."""
-        names = self.mixed() + [self.final]
+        names = [*self.mixed(), self.final]
         for layer in range(self.n_layers):
             names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_resid_pre"]
             if self.has_mlp and not self.graph.parallel:
@@ -197,7 +197,7 @@ def _attribute(
     layout = _Layout(graph, pos and "hook_pos_embed" in tgt_model.hook_dict)
     w_src = _weights(engine, direction.source)
     w_tgt = _weights(engine, direction.target)
-    d_bias = (w_src.b_o - w_tgt.b_o).double()
+    d_bias = (w_src.b_o - w_tgt.b_o).float()
     n_prompts = engine.prepared.batch_size
     chunk = engine.budget
     edges = graph_edges(graph.shape, parallel=graph.parallel)
@@ -265,13 +265,14 @@ def _embed(vals: dict[str, Tensor], layout: _Layout) -> Tensor:
 def _writes(
     vals: dict[str, Tensor], w: _Weights, layout: _Layout
 ) -> Float[Tensor, "sender batch pos d_model"]:
-    """Every sender's write, in the graph's sender order (float64)."""
-    parts = [_embed(vals, layout).double()[None]]
+    """Every sender's write, in the graph's sender order (float32: half-precision writes are
+    upcast; scores are summed in float64 from float32 products)."""
+    parts = [_embed(vals, layout).float()[None]]
     for layer in range(layout.n_layers):
-        z = vals[f"blocks.{layer}.attn.hook_z"].double()
-        parts.append(torch.einsum("bphe,hem->hbpm", z, w.o[layer].double()))
+        z = vals[f"blocks.{layer}.attn.hook_z"].float()
+        parts.append(torch.einsum("bphe,hem->hbpm", z, w.o[layer].float()))
         if layout.has_mlp:
-            parts.append(vals[f"blocks.{layer}.hook_mlp_out"].double()[None])
+            parts.append(vals[f"blocks.{layer}.hook_mlp_out"].float()[None])
     return torch.cat(parts)
 
 
@@ -370,19 +371,18 @@ def _layer_grads(
     ([receiver, batch, pos, d_model]), and of its MLP (None without MLPs)."""
     block = model.blocks[layer]
     resid = vals[f"blocks.{layer}.hook_resid_pre"]
-    pulled = []
+    post = []
     for x, proj in (("q", w.q), ("k", w.k), ("v", w.v)):
         g = grads[f"blocks.{layer}.attn.hook_{x}"]
-        post = torch.einsum("bphe,hme->hbpm", g, proj[layer].to(g.dtype))
-        pulled.append(_vjp(block.ln1, resid, post))
-    n_heads, n_kv = pulled[0].shape[0], pulled[1].shape[0]
+        post.append(torch.einsum("bphe,hme->hbpm", g, proj[layer].to(g.dtype)))
+    n_heads, n_kv = post[0].shape[0], post[1].shape[0]
     group = n_heads // n_kv
     order = []
     for h in range(n_heads):
         order.append(h)
         if h % group == 0:
             order += [n_heads + h // group, n_heads + n_kv + h // group]
-    heads = torch.cat(pulled)[order]
+    heads = _vjp(block.ln1, resid, torch.cat(post)[order])
     if not layout.has_mlp:
         return heads, None
     mid = "hook_resid_pre" if layout.graph.parallel else "hook_resid_mid"
@@ -407,10 +407,10 @@ def _scores(
     bias_parts: list[Tensor] = []
 
     def add(g: Tensor, n_senders: int, n_bias: int) -> None:
-        g = g.double()
-        s = torch.einsum("sbpd,rbpd->rsb", d_writes[:n_senders], g)
+        g = g.float()
+        s = torch.einsum("sbpd,rbpd->rsb", d_writes[:n_senders], g).double()
         edge_parts.extend(s.unbind(0))
-        bias_parts.append(torch.einsum("ld,rbpd->rb", d_bias[:n_bias], g))
+        bias_parts.append(torch.einsum("ld,rbpd->rb", d_bias[:n_bias], g).double())
 
     for layer in range(shape.n_layers):
         heads, mlp = _layer_grads(model, w, layout, grads, vals, layer)

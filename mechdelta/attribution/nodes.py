@@ -10,8 +10,11 @@ checkpoint). With ``a_S``/``a_T`` the site's clean activations in the source/tar
 - ``"atp*"``: as ``"atp"``, except for sites that feed attention scores (``head_q``, ``head_k``):
   the affected attention probabilities are recomputed *exactly* from the source's queries/keys
   (the rest of the target run fixed) and only the step from the pattern onwards is linearised:
-  ``m_T + (A_patched - A_T) · ∂m/∂A`` (AtP*'s QK fix, Kramár et al. 2024). GradDrop is not
-  applied.
+  ``m_T + (A_patched - A_T) · ∂m/∂A`` (AtP*'s QK fix, Kramár et al. 2024). With
+  ``graddrop=True``, also AtP*'s GradDrop: per layer l the estimate with the backward pass cut at
+  layer l's attention and MLP outputs, ``sum_l |mean estimate_-l| / (L - 1)``, a magnitude that
+  effects cancelling across paths cannot hide; it ranks sites for verification, the signed
+  estimate stays the QK-fixed one.
 - ``"ig"``: integrated gradients along the straight path from ``a_T`` to ``a_S``, one layer at a
   time (every site of that layer's grid moves together; other layers run live), ``steps`` points
   (midpoint rule): ``m_T + (a_S - a_T) · mean_α g(a_T + α(a_S - a_T))``. Cost: ``steps`` passes
@@ -86,6 +89,7 @@ def attribute(
     steps: int = 16,
     batch_budget: int | None = None,
     verify: int | None = None,
+    graddrop: bool = False,
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -96,7 +100,9 @@ def attribute(
     Arguments are those of :func:`~mechdelta.sweep`, plus ``method`` (``"atp"``, ``"atp*"``,
     ``"ig"``), ``steps`` (IG points per layer) and ``verify=k``: run the exact patches of the top
     ``k`` sites by |estimate| and ``k`` random others (:meth:`AttributionResult.verify`).
-    ``batch_budget`` bounds the prompts per gradient pass (default 64).
+    ``batch_budget`` bounds the prompts per gradient pass (default 64). ``graddrop=True`` (with
+    ``"atp*"``) also computes AtP*'s GradDrop magnitude per site (:attr:`AttributionResult.graddrop`;
+    ``n_layers`` more passes), which :meth:`~AttributionResult.verify` then ranks by.
 
     Cost, whatever the number of sites: both models' clean runs plus one forward and backward
     pass of the target per prompt chunk (``"atp"``); ``"atp*"`` adds nothing for models whose
@@ -104,6 +110,8 @@ def attribute(
     ``"ig"`` takes ``steps`` forward+backward passes per layer of the grid.
     """
     m = Method.coerce(method)
+    if graddrop and m is not Method.ATP_STAR:
+        raise ConfigError(f"graddrop=True belongs to method='atp*', not {m.value!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive int (IG points per layer), not {steps!r}")
     d = Direction.coerce(direction)
@@ -133,6 +141,7 @@ def attribute(
     results = []
     for single in d.singles:
         est = _estimate(engine, single, comp, sites, m, steps)  # [site, batch]
+        magnitude = _graddrop(engine, single, comp, sites) if graddrop else None
         patched = engine.metric_of(single.target)[None, :].double() + est
         ci = score_ci(
             shift.reference,
@@ -156,6 +165,7 @@ def attribute(
             provenance={**engine.provenance(), "seed": seed, "method": m.value},
             method=m.value,
             steps=steps if m is Method.IG else None,
+            graddrop=None if magnitude is None else magnitude.reshape(shape),
         )
         result.bind(pair, task, engine=engine)
         if verify is not None:
@@ -185,13 +195,16 @@ def _estimate(
     sites: list[Site],
     method: Method,
     steps: int,
+    drop: int | None = None,
 ) -> Float[Tensor, "site batch"]:
-    """Estimated change of the target's metric per site and prompt."""
+    """Estimated change of the target's metric per site and prompt; with ``drop=l`` the gradient
+    does not flow back through layer l's attention and MLP outputs (GradDrop)."""
     src = engine.states[direction.source]
     tgt = engine.states[direction.target]
     batch = engine.prepared.batch_size
     chunk = min(batch, engine.budget)
     layers = sorted({s.layer for s in sites})
+    edits = {} if drop is None else _stop_gradient(engine, drop)
     out = torch.zeros(len(sites), batch, dtype=torch.float64)
     for b0 in range(0, batch, chunk):
         rows = slice(b0, min(b0 + chunk, batch))
@@ -199,17 +212,37 @@ def _estimate(
         per_layer: dict[int, tuple[Tensor, Tensor]] = {}
         if method is Method.IG:
             for layer in layers:
-                per_layer[layer] = _contributions(engine, src, tgt, comp, [layer], rows, steps)[
-                    layer
-                ]
+                got = _contributions(engine, src, tgt, comp, [layer], rows, steps)
+                per_layer[layer] = got[layer]
         elif method is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K):
-            per_layer = qk_fix(engine, src, tgt, comp, layers, rows)
+            per_layer = qk_fix(engine, src, tgt, comp, layers, rows, edits)
         else:
-            per_layer = _contributions(engine, src, tgt, comp, layers, rows, None)
+            per_layer = _contributions(engine, src, tgt, comp, layers, rows, None, edits)
         for i, site in enumerate(sites):
             by_pos, every = per_layer[site.layer]
             out[i, rows] = _site_value(engine, site, rows, by_pos, every).double().cpu()
     return out
+
+
+def _graddrop(
+    engine: PatchEngine, direction: Direction, comp: Component, sites: list[Site]
+) -> Float[Tensor, " site"]:
+    """AtP*'s GradDrop: ``sum_l |mean over prompts of the estimate with layer l's outputs cut
+    from the backward pass| / (L - 1)``, a magnitude that an effect cancelling across paths
+    cannot hide (means over prompts first: measured to rank better than per-prompt |.|)."""
+    n_layers = engine.shape.n_layers
+    total = torch.zeros(len(sites), dtype=torch.float64)
+    for layer in range(n_layers):
+        est = _estimate(engine, direction, comp, sites, Method.ATP_STAR, 1, drop=layer)
+        total += est.mean(1).abs()
+    return (total / max(n_layers - 1, 1)).float()
+
+
+def _stop_gradient(engine: PatchEngine, layer: int) -> dict[str, Any]:
+    names = [f"blocks.{layer}.hook_attn_out"]
+    if engine.shape.d_mlp is not None:
+        names.append(f"blocks.{layer}.hook_mlp_out")
+    return dict.fromkeys(names, torch.Tensor.detach)
 
 
 def _site_value(
@@ -239,6 +272,7 @@ def _contributions(
     layers: list[int],
     rows: slice,
     steps: int | None,
+    edits: dict[str, Any] | None = None,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """Per layer, ``(a_S - a_T) · g`` summed over each site's features: by position
     ``[b, pos, (head|neuron)]`` and for all-position sites ``[b, (head|neuron)]``. With ``steps``,
@@ -251,7 +285,9 @@ def _contributions(
     metric = engine.prepared.metric
     model = tgt.runner.model
     if steps is None:
-        _, grads, _ = grad_pass(model, tokens, positions, inputs, metric, list(names.values()))
+        _, grads, _ = grad_pass(
+            model, tokens, positions, inputs, metric, list(names.values()), edits=edits
+        )
     else:
         (layer,) = layers
         name = names[layer]
@@ -276,14 +312,16 @@ def _contributions(
     return out
 
 
+def _site0(comp: Component, layer: int) -> Site:
+    """A site of the component at the layer (head 0 / neuron 0), for its hook names."""
+    head = 0 if comp.per_head else None
+    return Site(comp, layer, head=head, neuron=0 if comp is Component.MLP_NEURON else None)
+
+
 def _grad_hook(comp: Component, layer: int) -> str:
-    """Where a site's gradient is read: its own hook (the attention output for head_out)."""
-    return Site(
-        comp,
-        layer,
-        head=0 if comp.per_head else None,
-        neuron=0 if comp is Component.MLP_NEURON else None,
-    ).hook_name
+    """Where a site's gradient is read: where its splice writes (the attention output for
+    head_out and for resid_mid, whose gradient there is the residual's)."""
+    return _site0(comp, layer).hook_name
 
 
 def _delta(
@@ -298,7 +336,7 @@ def _delta(
         return torch.einsum("bphd,hdm->bphm", z_s, w_s.float()) - torch.einsum(
             "bphd,hdm->bphm", z_t, w_t.float()
         )
-    name = _grad_hook(comp, layer)
+    name = _site0(comp, layer).read_hook_name  # resid_mid: read at hook_resid_mid
     return src.cache[name][rows].float() - tgt.cache[name][rows].float()
 
 

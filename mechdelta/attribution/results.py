@@ -36,6 +36,7 @@ class AttributionResult(SweepResult):
 
     method: str = "atp"
     steps: int | None = None
+    graddrop: Float[Tensor, "*grid"] | None = None
 
     _KIND: ClassVar[str] = "attribution"
 
@@ -57,7 +58,8 @@ class AttributionResult(SweepResult):
         pair: Any = None,
         task: Any = None,
     ) -> Verification:
-        """Exact patches of the top ``k`` sites by |estimate| and ``random`` (default ``k``) others
+        """Exact patches of the top ``k`` sites by |estimate| (by :attr:`graddrop` when it was
+        computed) and ``random`` (default ``k``) others
         drawn with ``seed``, side by side with their estimates. A loaded result needs ``pair=``
         and ``task=`` (the ones it was computed on: the prompt hash is checked)."""
         from mechdelta.patching._engine import PatchEngine
@@ -85,10 +87,13 @@ class AttributionResult(SweepResult):
                 )
         sites = self.sites
         est = self.per_prompt.reshape(len(sites), -1)
+        key = (
+            (est.double().mean(1) - self._target_mean()).abs()
+            if self.graddrop is None
+            else self.graddrop.flatten().double()
+        )
         order = torch.argsort(
-            torch.nan_to_num((est.double().mean(1) - self._target_mean()).abs(), nan=-1.0),
-            descending=True,
-            stable=True,
+            torch.nan_to_num(key, nan=-1.0), descending=True, stable=True
         ).tolist()
         top = order[:k]
         rest = order[k:]
@@ -116,11 +121,18 @@ class AttributionResult(SweepResult):
     def _stored(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         meta, tensors = super()._stored()
         meta.update(method=self.method, steps=self.steps)
+        if self.graddrop is not None:
+            tensors["graddrop"] = self.graddrop
         return meta, tensors
 
     @classmethod
     def _fields(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
-        return {**super()._fields(meta, tensors), "method": meta["method"], "steps": meta["steps"]}
+        return {
+            **super()._fields(meta, tensors),
+            "method": meta["method"],
+            "steps": meta["steps"],
+            "graddrop": tensors.get("graddrop"),
+        }
 
     def __str__(self) -> str:
         return f"estimated ({self.method}) " + super().__str__()

@@ -97,7 +97,10 @@ _HEAD_COMPONENTS = frozenset(
 
 _HOOK_SUFFIX: dict[Component, str] = {
     Component.RESID_PRE: "hook_resid_pre",
-    Component.RESID_MID: "hook_resid_mid",
+    # RESID_MID is read at hook_resid_mid but written through the attention output: in TL 4
+    # bridges hook_resid_mid is the MLP norm's input hook, and an edit there never reaches the
+    # residual stream (resid_post would keep the old residual plus an MLP of the new one).
+    Component.RESID_MID: "hook_attn_out",
     Component.RESID_POST: "hook_resid_post",
     Component.ATTN_OUT: "hook_attn_out",
     Component.MLP_OUT: "hook_mlp_out",
@@ -225,9 +228,13 @@ class Site:
 
     @property
     def read_hook_name(self) -> str:
-        """The hook whose value is taken from the source model (differs only for ``HEAD_OUT``)."""
+        """The hook whose value is taken from the source model (differs for ``HEAD_OUT``, read at
+        z, and ``RESID_MID``, read at ``hook_resid_mid`` and written through the attention
+        output)."""
         if self.kind is Component.HEAD_OUT:
             return f"blocks.{self.layer}.attn.hook_z"
+        if self.kind is Component.RESID_MID:
+            return f"blocks.{self.layer}.hook_resid_mid"
         return self.hook_name
 
     def activation_head(self, shape: ModelShape) -> int | None:

@@ -46,6 +46,7 @@ class _ModelState:
     prefix_checked: bool = False
     kv_checked: bool = False
     w_o: dict[int, Tensor] = field(default_factory=dict)  # layer -> [head, d_head, d_model]
+    mid_checked: set[int] = field(default_factory=set)  # layers whose resid_mid is pre + attn_out
 
 
 def _start_layer(site: Site) -> int | None:
@@ -349,6 +350,7 @@ class PatchEngine:
         n_b = rows.stop - rows.start
         writes: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
         head_out: dict[int, list[tuple[slice, Any, int, Tensor]]] = defaultdict(list)
+        mid: dict[int, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
         for v, variant in enumerate(variants):
             vrows = slice(v * n_b, (v + 1) * n_b)
             for site in union(variant):
@@ -360,29 +362,34 @@ class PatchEngine:
                     assert site.head is not None
                     c_src = self._read(src, site, rows)
                     head_out[site.layer].append((vrows, at, site.head, c_src))
+                elif site.kind is Component.RESID_MID:
+                    self._check_resid_mid(tgt, site.layer)
+                    mid[site.layer].append(
+                        (self._index(site, vrows, at), self._read(src, site, rows))
+                    )
                 else:
                     value = self._read(src, site, rows)
                     writes[site.hook_name].append((self._index(site, vrows, at), value))
         fired: set[str] = set()
         hooks: list[Hook] = []
-        out_names = {f"blocks.{layer}.hook_attn_out": layer for layer in head_out}
+        layers = sorted(set(head_out) | set(mid))
+        out_names = {f"blocks.{layer}.hook_attn_out" for layer in layers}
         for name, ops in writes.items():
-            if name not in out_names:  # attn_out replacements go after the head corrections
+            if name not in out_names:  # attn_out replacements go into the layer's own hook
                 hooks.append((name, _writer(name, ops, fired)))
-        for out_name, layer in out_names.items():
-            z_name = f"blocks.{layer}.attn.hook_z"
+        for layer in layers:
+            out_name = f"blocks.{layer}.hook_attn_out"
             live: dict[str, Tensor] = {}
-            w_tgt = self._w_o(tgt, layer)
-            # after any hook_z writer above: the correction must see the z W_O actually reads
-            hooks.append((z_name, _capture(z_name, live, fired)))
-            hooks.append(
-                (
-                    out_name,
-                    _head_out_writer(
-                        out_name, head_out[layer], writes.get(out_name, []), live, w_tgt, fired
-                    ),
-                )
-            )
+            if head_out[layer]:
+                # after any hook_z writer above: the correction must see the z W_O actually reads
+                z_name = f"blocks.{layer}.attn.hook_z"
+                hooks.append((z_name, _capture(z_name, "z", live, fired)))
+            if mid[layer]:
+                pre_name = f"blocks.{layer}.hook_resid_pre"
+                hooks.append((pre_name, _capture(pre_name, "resid_pre", live, fired)))
+            w_tgt = self._w_o(tgt, layer) if head_out[layer] else None
+            plan = _AttnOutPlan(head_out[layer], writes.get(out_name, []), mid[layer], live, w_tgt)
+            hooks.append((out_name, _attn_out_writer(out_name, plan, fired)))
         expected = {name for name, _ in hooks}
         return hooks, fired, expected
 
@@ -412,6 +419,24 @@ class PatchEngine:
             z = state.cache[f"blocks.{site.layer}.attn.hook_z"]
             return z[(*_at(rows, pos), site.head)] @ self._w_o(state, site.layer)[site.head]
         return state.cache[site.read_hook_name][self._index(site, rows, pos)]
+
+    def _check_resid_mid(self, state: _ModelState, layer: int) -> None:
+        """A resid_mid splice writes ``source resid_mid - live resid_pre`` into the attention
+        output: valid where the residual after attention is ``resid_pre + attn_out`` (checked
+        on the clean run, once per model and layer)."""
+        if layer in state.mid_checked:
+            return
+        mid = state.cache[f"blocks.{layer}.hook_resid_mid"]
+        pre = state.cache[f"blocks.{layer}.hook_resid_pre"]
+        out = state.cache[f"blocks.{layer}.hook_attn_out"]
+        err = (pre + out - mid).abs().max().item()
+        if err > 1e-4 * max(1.0, mid.abs().max().item()):
+            raise PatchingError(
+                f"in the {state.name} model the residual after attention is not resid_pre + "
+                f"attn_out (max error {err:.3g}), so resid_mid cannot be spliced: patch "
+                "attn_out or resid_post instead"
+            )
+        state.mid_checked.add(layer)
 
     def _w_o(self, state: _ModelState, layer: int) -> Float[Tensor, "head d_head d_model"]:
         """Each head's slice of the output projection, read off the module (any weight layout)."""
@@ -494,34 +519,46 @@ def _writer(name: str, ops: list[tuple[tuple[Any, ...], Tensor]], fired: set[str
     return hook
 
 
-def _capture(name: str, live: dict[str, Tensor], fired: set[str]) -> Any:
+def _capture(name: str, key: str, live: dict[str, Tensor], fired: set[str]) -> Any:
     def hook(x: Tensor, hook: Any) -> None:
-        live["z"] = x
+        live[key] = x
         fired.add(name)
 
     return hook
 
 
-def _head_out_writer(
-    name: str,
-    ops: list[tuple[slice, Any, int, Tensor]],
-    replace: list[tuple[tuple[Any, ...], Tensor]],
-    live: dict[str, Tensor],
-    w: Tensor,
-    fired: set[str],
-) -> Any:
-    """At a layer's attention output: swap each listed head's live write for the source's, then
-    apply any replacements of the whole output (which contain those heads' writes)."""
+@dataclass
+class _AttnOutPlan:
+    """What a patched run does at one layer's attention output, in this order: swap listed
+    heads' live writes for the source's (``heads``: rows, position, head, source write), apply
+    replacements of the whole output (``replace``), then set the residual after attention to
+    the source's (``mid``: the output becomes ``source resid_mid - live resid_pre``)."""
+
+    heads: list[tuple[slice, Any, int, Tensor]]
+    replace: list[tuple[tuple[Any, ...], Tensor]]
+    mid: list[tuple[tuple[Any, ...], Tensor]]
+    live: dict[str, Tensor]
+    w_o: Tensor | None
+
+
+def _attn_out_writer(name: str, plan: _AttnOutPlan, fired: set[str]) -> Any:
+    """Each later step contains the earlier ones' activations, so the union is applied."""
 
     def hook(x: Tensor, hook: Any) -> Tensor:
-        z = live.pop("z")
         x = x.clone()
-        for vrows, pos, head, c_src in ops:
-            at = _at(vrows, pos)
-            c_tgt = z[(*at, head)] @ w[head]
-            x[at] = x[at] + (c_src - c_tgt).to(x.dtype)
-        for index, value in replace:
+        if plan.heads:
+            z = plan.live.pop("z")
+            assert plan.w_o is not None
+            for vrows, pos, head, c_src in plan.heads:
+                at = _at(vrows, pos)
+                c_tgt = z[(*at, head)] @ plan.w_o[head]
+                x[at] = x[at] + (c_src - c_tgt).to(x.dtype)
+        for index, value in plan.replace:
             x[index] = value.to(x.dtype)
+        if plan.mid:
+            pre = plan.live.pop("resid_pre")
+            for index, value in plan.mid:
+                x[index] = (value - pre[index]).to(x.dtype)
         fired.add(name)
         return x
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -322,7 +322,22 @@ class SweepResult:
             ) from exc
 
 
-R = TypeVar("R", bound=PatchResult | SweepResult)
+@runtime_checkable
+class _Directional(Protocol):
+    """What a one-direction result offers :class:`BothDirections`."""
+
+    @property
+    def direction(self) -> Direction: ...
+
+    @property
+    def shift(self) -> ShiftResult: ...
+
+    def to_dataframe(self) -> pd.DataFrame: ...
+
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+
+
+R = TypeVar("R", bound=_Directional)
 
 
 @dataclass(frozen=True, eq=False)
@@ -390,7 +405,15 @@ class BothDirections(Generic[R]):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ResultFormatError(f"{os.fspath(marker)!r} is corrupt: {exc}") from exc
         kind = data.get("result") if isinstance(data, dict) else None
-        loaders: dict[Any, Any] = {"SweepResult": SweepResult, "PatchResult": PatchResult}
+        from mechdelta.attribution._edge_result import EdgeAttribution
+        from mechdelta.attribution.results import AttributionResult
+
+        loaders: dict[Any, Any] = {
+            "SweepResult": SweepResult,
+            "PatchResult": PatchResult,
+            "AttributionResult": AttributionResult,
+            "EdgeAttribution": EdgeAttribution,
+        }
         loader = loaders.get(kind)
         if loader is None:
             raise ResultFormatError(f"{os.fspath(marker)!r} names an unknown result kind {kind!r}")
