@@ -1,13 +1,19 @@
 """The ``mechdelta`` command line.
 
-Exit codes: 0 success; 1 a mechdelta error (the message on stderr, no traceback); 2 a usage
-error (typer's); 130 interrupted (re-run the same command to resume a run).
+Exit codes: 0 success; 1 a mechdelta error (the message on stderr, one line, no traceback); 2 a
+usage error (typer's); 130 interrupted (re-run the same command to resume a run).
+
+``--quiet/-q`` silences progress output only: each distinct warning (e.g. a shift that is not
+significant) is still printed, once per command, as one ``warning: Category: message`` line.
+``run``, ``figures``, ``report`` and ``demo`` hold the run directory's lock while they write it: a
+second command on the same directory exits 1 naming the process that holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,7 +30,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: typer's rich panels show every flag (even --help) as taking a "<bool>" value
+    rich_markup_mode=None,
 )
+
+_SHOWN: set[tuple[str, str]] = set()
 
 
 def _show_warning(
@@ -35,6 +45,11 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
+    """One line per warning, each distinct (category, message) once per command."""
+    key = (category.__name__, str(message))
+    if key in _SHOWN:
+        return
+    _SHOWN.add(key)
     print(f"warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
 
 
@@ -62,7 +77,7 @@ def _errors(resume_hint: str | None = None) -> Iterator[None]:
 def _summarise(run_dir: Path, top: int) -> list[str]:
     """The shift and the top sites of each sweep of a stored run, as text."""
     from mechdelta.patching.results import BothDirections, SweepResult
-    from mechdelta.report._build import top_sites_table
+    from mechdelta.report._build import NO_SITE_CHANGED, top_sites_table
     from mechdelta.runs.rundir import StoredRun
 
     run = StoredRun.open(run_dir)
@@ -79,47 +94,80 @@ def _summarise(run_dir: Path, top: int) -> list[str]:
                 lines.append(f"Shift: {parts[0].shift}")
                 shift_shown = True
             table = top_sites_table(result, top)
-            lines += ["", f"Top sites of {spec.id} ({table.caption}):", table.text()]
+            if table.rows:
+                lines += ["", f"Top sites of {spec.id} ({table.caption}):", table.text()]
+            else:
+                lines += ["", f"Top sites of {spec.id}: {NO_SITE_CHANGED}."]
     return lines
+
+
+def _quote(*parts: str | Path) -> str:
+    return " ".join(shlex.quote(os.fspath(p)) for p in parts)
+
+
+_QUIET = typer.Option(
+    "--quiet", "-q", help="No progress output (each distinct warning is still shown once)."
+)
 
 
 @app.command()
 def run(
-    experiment: Annotated[Path, typer.Argument(help="The experiment TOML file.")],
+    experiment: Annotated[
+        Path, typer.Argument(metavar="EXPERIMENT.toml", help="The experiment TOML file.")
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Run directory (default: runs/<experiment name>)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Annotated[bool, _QUIET] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Recompute only the stored analyses whose files are damaged; keep the rest.",
+        ),
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing run directory instead of resuming it.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Delete the run directory's results and start the run over."
+        ),
     ] = False,
 ) -> None:
-    """Run an experiment into a run directory (re-run the same command to resume it)."""
+    """Run an experiment into a run directory (re-run the same command to resume it).
+
+    The directory is locked while the run writes it: a second run, `figures` or `report` on it
+    exits 1 naming the process that holds it.
+    """
+    from mechdelta.runs._lock import run_lock
     from mechdelta.runs.experiment import Experiment
     from mechdelta.runs.run import run_experiment
 
     with _errors("Re-run the same command to resume: complete analyses are kept."):
         exp = Experiment.load(experiment)
         out_dir = out if out is not None else Path("runs") / exp.name
-        result = run_experiment(exp, out_dir, quiet=quiet, overwrite=overwrite)
-        lines = _summarise(out_dir, min(5, exp.output.top_k))
+        flags = [f for f, on in (("--repair", repair), ("--overwrite", overwrite)) if on]
+        command = "mechdelta run " + _quote(experiment, "--out", out_dir, *flags)
+        with run_lock(out_dir, command, create=True):  # held until the summary is read back
+            result = run_experiment(
+                experiment, out_dir, quiet=quiet, overwrite=overwrite, repair=repair
+            )
+            lines = _summarise(out_dir, min(5, exp.output.top_k))
     typer.echo("\n".join(lines))
-    typer.echo(
-        f"\nRun directory: {os.fspath(out_dir)} ({len(result.computed)} analyses computed, "
-        f"{len(result.skipped)} already complete)"
-    )
-    typer.echo(f"Next: mechdelta report {os.fspath(out_dir)}")
+    typer.echo(f"\nRun directory: {os.fspath(out_dir)} ({result.counts()})")
+    typer.echo(f"Next: mechdelta report {_quote(out_dir)}")
 
 
 @app.command()
 def figures(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mechdelta run`.")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `mechdelta run`.")
+    ],
     format: Annotated[
         list[str] | None,
         typer.Option("--format", "-f", help="Formats (repeatable; default: the run's own)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Annotated[bool, _QUIET] = False,
 ) -> None:
     """Rebuild every figure of a run from its stored results (no model is loaded)."""
     from mechdelta.runs.run import regenerate_figures
@@ -134,9 +182,15 @@ def figures(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mechdelta run`.")],
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `mechdelta run`.")
+    ],
 ) -> None:
-    """Write the run's transition report (report.md and a self-contained report.html)."""
+    """Write the run's transition report (report.md and a self-contained report.html).
+
+    An interrupted run gets no report: the command exits 1 and names the `mechdelta run` command
+    that finishes it.
+    """
     from mechdelta.report._build import write_report
 
     with _errors():
@@ -149,15 +203,16 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to (re)write.")] = Path(
         "runs/demo"
     ),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Annotated[bool, _QUIET] = False,
 ) -> None:
     """Where did the `induction` zoo pair's behaviour shift? Shift, head sweep, report."""
     from mechdelta.report._build import write_report
+    from mechdelta.runs._lock import run_lock
     from mechdelta.runs.experiment import Experiment
     from mechdelta.runs.run import run_experiment
     from mechdelta.runs.rundir import StoredRun
 
-    with _errors():
+    with _errors(), run_lock(out, "mechdelta demo --out " + _quote(out), create=True):
         exp = Experiment.packaged("demo")
         result = run_experiment(exp, out, quiet=quiet, overwrite=True)
         md, html = write_report(out)

@@ -47,6 +47,35 @@ component = "head_out"
 direction = "both"
 """
 
+# A shift the bootstrap cannot tell from zero (6 prompts, logit difference) and a sweep of layer 0
+# only, which the tiny pair's intervention (in layer 1) leaves untouched: every score is exactly 0.
+NOT_SIGNIFICANT_TOML = """name = "not-significant"
+[pair]
+builtin = "tiny"
+[task]
+prompts = [
+    [1, 2, 3, 4, 5, 6, 7, 8],
+    [9, 10, 11, 12, 13, 14, 15, 16],
+    [3, 5, 7, 9, 11, 13, 15, 17],
+    [20, 21, 22, 23, 24, 25, 26, 27],
+    [30, 2, 31, 4, 32, 6, 33, 8],
+    [40, 41, 40, 41, 40, 41, 40, 41],
+]
+answers = [1, 2, 3, 4, 5, 6]
+wrong = [7, 8, 9, 10, 11, 12]
+metric = "logit_diff"
+[run]
+n_boot = 200
+[output]
+figures = ["html"]
+[[analyses]]
+kind = "shift"
+[[analyses]]
+kind = "sweep"
+component = "head_out"
+layers = [0]
+"""
+
 
 @functools.cache
 def base_run_dir() -> Path:

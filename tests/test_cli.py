@@ -1,4 +1,5 @@
-"""The command line end to end: run, figures, report, demo; exit codes and error messages."""
+"""The command line end to end: run (resume, --repair, --overwrite), figures, report, demo; exit
+codes, error messages, --help, and warnings shown once."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mechdelta.cli import app
-from tests._tiny_run import TOML, copy_run
+from tests._tiny_run import NOT_SIGNIFICANT_TOML, TOML, copy_run
 
 runner = CliRunner()
 
@@ -47,6 +48,35 @@ def test_run_figures_report_end_to_end(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "(0 analyses computed, 2 already complete)" in res.stdout
     assert "complete, skipped" in res.stderr
+
+    # a damaged result: refused, with both ways out named, in one line
+    (out / "results" / "shift" / "tensors.safetensors").write_bytes(b"\0" * 10)
+    res = runner.invoke(app, ["run", "tiny.toml", "--out", str(out), "-q"])
+    assert res.exit_code == 1 and res.stdout == "" and res.stderr.count("\n") == 1
+    assert "tensors.safetensors' is corrupt" in res.stderr
+    assert f"`mechdelta run {tmp_path / 'tiny.toml'} --out {out} --repair`" in res.stderr
+    assert "--overwrite" in res.stderr
+    res = runner.invoke(app, ["run", "tiny.toml", "--out", str(out), "--repair", "--overwrite"])
+    assert res.exit_code == 1 and "pass only one" in res.stderr
+    res = runner.invoke(app, ["run", "tiny.toml", "--out", str(out), "--repair", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "(1 analyses computed, 1 already complete, 1 repaired)" in res.stdout
+    res = runner.invoke(app, ["run", "tiny.toml", "--out", str(out), "--overwrite", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "(2 analyses computed, 0 already complete)" in res.stdout
+    assert not (out / "report.md").exists()  # overwritten: the old report went with the results
+
+
+def test_help_shows_flags_as_flags():
+    res = runner.invoke(app, ["run", "--help"])
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.stdout and "--no-" not in res.stdout
+    lines = [ln.strip() for ln in res.stdout.splitlines()]
+    for flag in ("-q, --quiet", "--repair", "--overwrite", "--help"):
+        assert any(ln.startswith(f"{flag} ") or ln == flag for ln in lines), flag
+    assert any(ln.startswith("-o, --out <path>") for ln in lines)
+    for command in ("figures", "report", "demo"):
+        assert "<bool>" not in runner.invoke(app, [command, "--help"]).stdout
 
 
 @pytest.mark.parametrize(
@@ -99,6 +129,34 @@ def _check_demo_output(stdout: str, out: Path) -> None:
     assert m["status"] == "complete" and m["config"]["pair"]["zoo"] == "induction"
     assert (out / "figures" / "sweep-head_out-both.html").is_file()
     assert (out / "report.html").is_file()
+
+
+def test_not_significant_shift_warns_once_and_zero_scores_are_not_listed(tmp_path):
+    """-q silences progress, not warnings: each distinct warning is one line, shown once."""
+    exe = Path(sys.executable).with_name("mechdelta")
+    (tmp_path / "ns.toml").write_text(NOT_SIGNIFICANT_TOML)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(exe), "run", "ns.toml", "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("warning: ShiftNotSignificantWarning: the shift is not")
+    # the layer-0 sweep: every score is exactly 0, so no site is listed as "top"
+    assert "Top sites of sweep-head_out-r2i-" in proc.stdout
+    assert "no site changed the metric (every site scored exactly 0)." in proc.stdout
+    assert "+0.000" not in proc.stdout and "L0H" not in proc.stdout
+    md = Path(runner.invoke(app, ["report", str(out)]).stdout.split("Markdown: ")[1].strip())
+    text = md.read_text()
+    assert "Largest scores" not in text and "| L0H" not in text
+    assert "no site changed the metric (every site scored exactly 0)" in text
 
 
 def test_demo_in_process_without_a_browser(tmp_path, monkeypatch):

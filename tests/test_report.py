@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 
 import pytest
+from typer.testing import CliRunner
 
-from mechdelta.errors import RunError
+from mechdelta.cli import app
+from mechdelta.errors import RunIncompleteError
 from mechdelta.report import _build as report_mod
 from mechdelta.report._build import (
     Section,
@@ -75,16 +79,60 @@ def test_html_is_self_contained_with_plotly_inlined_once(written):
     assert "<table>" in html and "L1H1" in html
 
 
-def test_top_sites_table_orders_by_larger_score_of_both_directions():
-    stored = StoredRun.open(base_run_dir())
-    both = stored.load("sweep-head_out-both")
+def _with_scores(sweep, scores: dict[str, float]):
+    """The sweep with the given sites' patched metric set to give those scores (a score of 0:
+    the unpatched model's own per-prompt metric, which scores exactly 0)."""
+    shift, toward = sweep.shift, sweep.direction.toward_reference
+    unpatched = shift.intervened if toward else shift.reference
+    denom = shift.intervened_mean - shift.reference_mean
+    per_prompt = sweep.per_prompt.clone().reshape(len(sweep.sites), -1)
+    for i, site in enumerate(sweep.sites):
+        s = scores.get(str(site))
+        if s == 0.0:
+            per_prompt[i] = unpatched
+        elif s is not None:
+            per_prompt[i] = unpatched.double().mean() + (-s if toward else s) * denom
+    return dataclasses.replace(sweep, per_prompt=per_prompt.reshape(sweep.per_prompt.shape))
+
+
+def test_top_sites_table_orders_by_larger_score_of_both_directions_and_drops_zeros():
+    from mechdelta.patching.results import BothDirections
+
+    both = StoredRun.open(base_run_dir()).load("sweep-head_out-both")
+    # the tiny pair differs in L1H1 only: every other head scores exactly 0, in both directions
     table = top_sites_table(both, 3)
     assert table.headers == ("site", "reference → intervened", "intervened → reference")
-    assert [r[0] for r in table.rows] == ["L1H1", "L0H0", "L0H1"]
-    single = top_sites_table(both.reference_to_intervened, 2)
-    assert single.rows[0][0] == "L1H1" and len(single.rows) == 2
+    assert [r[0] for r in table.rows] == ["L1H1"]
+    assert "sorted by the larger |score| of the two directions, largest first" in table.caption
+    r2i = _with_scores(both.reference_to_intervened, {"L0H0": 0.5, "L0H1": -0.6})
+    i2r = _with_scores(both.intervened_to_reference, {"L0H1": 0.7, "L0H2": 0.2})
+    assert r2i.scores.flatten()[0].item() == pytest.approx(0.5, abs=1e-4)
+    table = top_sites_table(BothDirections(r2i, i2r), 3)
+    assert [r[0] for r in table.rows] == ["L1H1", "L0H1", "L0H0"]
+    assert [r[0] for r in top_sites_table(BothDirections(r2i, i2r), 10).rows] == [
+        "L1H1",
+        "L0H1",
+        "L0H0",
+        "L0H2",  # 0 in one direction only: kept
+    ]
+    single = top_sites_table(r2i, 10)  # by |score|: -0.6 before 0.5; zeros left out
+    assert [r[0] for r in single.rows] == ["L1H1", "L0H1", "L0H0"]
+    assert "sorted by |score|, largest first" in single.caption
     text = table.text().splitlines()
     assert text[0].startswith("site") and set(text[1]) <= {"-", " "} and text[2].startswith("L1H1")
+
+
+def test_a_sweep_where_no_site_changed_the_metric(tmp_path):
+    both = StoredRun.open(base_run_dir()).load("sweep-head_out-both")
+    none = _with_scores(both.reference_to_intervened, {"L1H1": 0.0})
+    assert float(none.scores.abs().max()) == 0.0
+    assert top_sites_table(none, 5).rows == ()
+    section = report_mod._SECTIONS["sweep"](
+        report_mod.ReportContext(StoredRun.open(base_run_dir())), "x", none
+    )
+    texts = [b.text for b in section.blocks if isinstance(b, Text)]
+    assert "No site changed the metric (every site scored exactly 0)." in texts
+    assert not any(isinstance(b, Table) for b in section.blocks)
 
 
 def test_sections_come_from_a_registry(tmp_path, monkeypatch):
@@ -103,9 +151,35 @@ def test_sections_come_from_a_registry(tmp_path, monkeypatch):
 def test_partial_run_has_no_report(tmp_path):
     run_dir = copy_run(tmp_path)
     (run_dir / "results" / "factorial" / "analysis.json").unlink()
-    with pytest.raises(RunError, match="partial"):
+    with pytest.raises(RunIncompleteError, match="partial"):
         write_report(run_dir)
     assert not (run_dir / "report.md").exists()
+
+
+def test_interrupted_run_has_no_report_and_says_how_to_finish_it(tmp_path):
+    """Every analysis stored, but the run stopped before its figures: status "running"."""
+    run_dir = copy_run(tmp_path)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    m["status"] = "running"
+    m["experiment"]["source"] = "/work/exp.toml"
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(run_dir / "figures")
+    finish = f"`mechdelta run /work/exp.toml --out {run_dir}`"
+    with pytest.raises(RunIncompleteError, match=rf"is incomplete: .*status 'running'.*{finish}"):
+        write_report(run_dir)
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr.startswith("error: the run in") and res.stderr.count("\n") == 1
+    assert finish in res.stderr
+    assert not (run_dir / "report.md").exists() and not (run_dir / "report.html").exists()
+
+
+def test_missing_figure_files_are_not_linked(tmp_path):
+    run_dir = copy_run(tmp_path)
+    shutil.rmtree(run_dir / "figures")
+    md = write_report(run_dir)[0].read_text()
+    assert "(figures/" not in md
+    assert md.count(f"(figure not written: `mechdelta figures {run_dir}` writes it)") == len(IDS)
 
 
 def test_report_reads_nothing_but_the_run_directory(written):

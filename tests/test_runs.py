@@ -1,5 +1,6 @@
 """Run directories: layout and manifest, resume after an interruption, figure regeneration,
-corrupt or partial directories, and weight hashes in the manifest."""
+corrupt or partial directories and their repair, overwrite, warnings once per run, and weight
+hashes in the manifest. (The directory lock with real processes: test_run_lock.py.)"""
 
 from __future__ import annotations
 
@@ -12,11 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechdelta.errors import ConfigError, RunError
+from mechdelta.errors import ConfigError, RunCorruptError, RunError, RunIncompleteError
+from mechdelta.patching.shift import ShiftNotSignificantWarning
+from mechdelta.report._build import write_report
 from mechdelta.runs import run as runs
+from mechdelta.runs._lock import LOCK_FILE
+from mechdelta.runs.experiment import Experiment
 from mechdelta.runs.run import regenerate_figures, run_experiment
 from mechdelta.runs.rundir import StoredRun
-from tests._tiny_run import ANALYSES, IDS, base_run_dir, copy_run, tiny_config
+from tests._tiny_run import (
+    ANALYSES,
+    IDS,
+    NOT_SIGNIFICANT_TOML,
+    base_run_dir,
+    copy_run,
+    tiny_config,
+)
 
 SMALL = ANALYSES[:3]  # shift, sweep, patch
 
@@ -124,13 +136,16 @@ def test_interrupted_run_resumes_with_identical_results(base_run, tmp_path, monk
     monkeypatch.setitem(runs.EXECUTORS, "sweep", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny_config(SMALL), out, quiet=True)
+    assert not (out / LOCK_FILE).exists()  # the lock is released on Ctrl-C too
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "running"
     assert [a["status"] for a in m["analyses"]] == ["complete", "pending", "pending"]
     stored = StoredRun.open(out)
     assert stored.is_complete("shift") and not stored.is_complete("sweep-head_out-both")
-    with pytest.raises(RunError, match="partial"):
+    with pytest.raises(RunIncompleteError, match="partial"):
         regenerate_figures(out)
+    with pytest.raises(RunIncompleteError, match="partial"):
+        write_report(out)
     shift_bytes = (out / "results" / "shift" / "tensors.safetensors").read_bytes()
 
     monkeypatch.setitem(runs.EXECUTORS, "sweep", real)
@@ -217,6 +232,11 @@ def test_out_dir_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(RunError):
         run_experiment(tiny_config([{"kind": "weight_diff"}]), out, quiet=True, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
+    (out / "manifest.json").write_text("{not json")  # a damaged manifest among other files
+    with pytest.raises(RunError, match="is corrupt") as info:
+        run_experiment(tiny_config([{"kind": "weight_diff"}]), out, quiet=True, overwrite=True)
+    assert "--overwrite" not in str(info.value)
+    assert (out / "notes.txt").read_text() == "keep me" and not (out / LOCK_FILE).exists()
     with pytest.raises(RunError, match="not a directory"):
         regenerate_figures(tmp_path / "absent")
 
@@ -259,3 +279,131 @@ def test_manifest_hashes_follow_the_weights(tmp_path, tokenizer):
     assert second["reference"]["weights_hash"] == first["reference"]["weights_hash"]
     assert second["intervened"]["weights_hash"] != first["intervened"]["weights_hash"]
     assert second["tokenizer_hash"] == first["tokenizer_hash"] != "none"
+
+
+def test_interrupted_while_writing_figures_gets_no_report_until_resumed(
+    base_run, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_write_figures", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(SMALL), out, quiet=True)
+    assert StoredRun.open(out).incomplete() == ()  # every analysis is stored, the figures not
+    with pytest.raises(
+        RunIncompleteError, match=r"incomplete: its manifest says status 'running'.*mechdelta run"
+    ):
+        write_report(out)
+    assert not (out / "report.md").exists()
+    monkeypatch.undo()
+    again = run_experiment(tiny_config(SMALL), out, quiet=True)
+    assert again.computed == () and again.skipped == IDS[:3]
+    md, _ = write_report(out)
+    for i in IDS[:3]:
+        assert (out / "figures" / f"{i}.html").is_file() and f"(figures/{i}.html)" in md.read_text()
+
+
+def test_a_failing_run_releases_the_lock(tmp_path):
+    out = tmp_path / "pre"
+    bad = [{"kind": "sweep", "component": "head_out", "layers": [5]}]
+    with pytest.raises(ConfigError):
+        run_experiment(tiny_config(bad), out, quiet=True)
+    assert not (out / LOCK_FILE).exists()
+    run_experiment(tiny_config([{"kind": "weight_diff"}]), out, quiet=True)  # not locked
+
+
+def _damage_tensors(d: Path) -> str:
+    (d / "results" / "shift" / "tensors.safetensors").write_bytes(b"\0" * 10)
+    return "shift"
+
+
+def _damage_record(d: Path) -> str:
+    (d / "results" / "factorial" / "analysis.json").write_text("{not json")
+    return "factorial"
+
+
+def _remove_table(d: Path) -> str:
+    (d / "results" / "weight_diff" / "table.parquet").unlink()
+    return "weight_diff"
+
+
+@pytest.mark.parametrize("damage", [_damage_tensors, _damage_record, _remove_table])
+def test_repair_recomputes_only_the_damaged_analysis(base_run, tmp_path, damage):
+    out = _copy(base_run[0], tmp_path)
+    victim = damage(out)
+    with pytest.raises(RunCorruptError) as info:
+        run_experiment(tiny_config(), out, quiet=True)
+    msg = str(info.value)
+    assert f"analysis {victim!r}" in msg
+    assert f"mechdelta run EXPERIMENT.toml --out {out} --repair" in msg
+    assert "--overwrite" in msg and "\n" not in msg
+    other = sorted(set(IDS) - {victim})
+    untouched = {i: (out / "results" / i / "analysis.json").read_bytes() for i in other}
+
+    result = run_experiment(tiny_config(), out, quiet=True, repair=True)
+    assert result.computed == (victim,) and result.repaired == (victim,)
+    assert sorted(result.skipped) == other
+    assert str(result).endswith("1 analyses computed, 4 already complete, 1 repaired")
+    assert {i: (out / "results" / i / "analysis.json").read_bytes() for i in other} == untouched
+    _assert_same(_fingerprint(out), _fingerprint(base_run[0]))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["sessions"][-1]["repaired"] == [victim]
+    # a repaired run is an ordinary run again
+    assert run_experiment(tiny_config(), out, quiet=True, repair=True).computed == ()
+
+
+def test_the_resume_command_names_the_experiment_file(base_run, tmp_path):
+    from tests._tiny_run import TOML
+
+    src = tmp_path / "exp.toml"
+    src.write_text(TOML)
+    out = tmp_path / "run"
+    run_experiment(src, out, quiet=True)
+    (out / "results" / "shift" / "tensors.safetensors").write_bytes(b"\0")
+    with pytest.raises(RunCorruptError, match=rf"`mechdelta run {src} --out {out} --repair`"):
+        run_experiment(src, out, quiet=True)
+    assert run_experiment(src, out, quiet=True, repair=True).repaired == ("shift",)
+
+
+def test_overwrite_and_repair_exclude_each_other_and_overwrite_starts_over(base_run, tmp_path):
+    out = _copy(base_run[0], tmp_path)
+    with pytest.raises(RunError, match="pass only one"):
+        run_experiment(tiny_config(), out, quiet=True, overwrite=True, repair=True)
+    # a damaged manifest: not repairable (nothing vouches for the stored results), but it can
+    # be overwritten
+    (out / "manifest.json").write_text("{not json")
+    for repair in (False, True):
+        with pytest.raises(RunError, match=r"is corrupt.*start it over with .*--overwrite"):
+            run_experiment(tiny_config(), out, quiet=True, repair=repair)
+    fresh = run_experiment(tiny_config(SMALL), out, quiet=True, overwrite=True)
+    assert fresh.computed == IDS[:3] and not (out / "results" / "factorial").exists()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_each_distinct_warning_is_shown_once_per_run(tmp_path):
+    exp = Experiment.from_toml(NOT_SIGNIFICANT_TOML)
+    with pytest.warns(ShiftNotSignificantWarning) as caught:
+        run_experiment(exp, tmp_path / "run", quiet=True)
+    shown = [w for w in caught if issubclass(w.category, ShiftNotSignificantWarning)]
+    assert len(shown) == 1, [str(w.message) for w in caught]
+    # each analysis still records the warnings it raised
+    stored = StoredRun.open(tmp_path / "run")
+    for i in stored.ids:
+        warned = stored.record(i)["warnings"]
+        assert any(w.startswith("ShiftNotSignificantWarning") for w in warned), i
+
+
+def test_several_damaged_analyses_are_named_and_repaired_together(base_run, tmp_path):
+    out = _copy(base_run[0], tmp_path)
+    _damage_tensors(out)
+    _damage_record(out)
+    with pytest.raises(
+        RunCorruptError, match=r"2 stored analyses are damaged \(shift, factorial\)"
+    ):
+        run_experiment(tiny_config(), out, quiet=True)
+    result = run_experiment(tiny_config(), out, quiet=True, repair=True)
+    assert result.repaired == ("shift", "factorial") == result.computed
+    _assert_same(_fingerprint(out), _fingerprint(base_run[0]))

@@ -39,6 +39,7 @@ from mechdelta.attribution._grads import grad_pass
 from mechdelta.attribution._qk import qk_fix, qk_sites
 from mechdelta.attribution.results import AttributionResult
 from mechdelta.core.directions import Direction
+from mechdelta.core.progress import progress as progress_bar
 from mechdelta.core.sites import Component, Site
 from mechdelta.errors import ConfigError
 from mechdelta.patching._engine import PatchEngine, _at
@@ -90,6 +91,7 @@ def attribute(
     batch_budget: int | None = None,
     verify: int | None = None,
     graddrop: bool = False,
+    progress: bool | None = None,
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -103,6 +105,7 @@ def attribute(
     ``batch_budget`` bounds the prompts per gradient pass (default 64). ``graddrop=True`` (with
     ``"atp*"``) also computes AtP*'s GradDrop magnitude per site (:attr:`AttributionResult.graddrop`;
     ``n_layers`` more passes), which :meth:`~AttributionResult.verify` then ranks by.
+    ``progress`` as in :func:`~mechdelta.sweep` (IG and GradDrop passes, verification).
 
     Cost, whatever the number of sites: both models' clean runs plus one forward and backward
     pass of the target per prompt chunk (``"atp"``); ``"atp*"`` adds nothing for models whose
@@ -115,7 +118,7 @@ def attribute(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive int (IG points per layer), not {steps!r}")
     d = Direction.coerce(direction)
-    engine = PatchEngine(pair, task, batch_budget=batch_budget)
+    engine = PatchEngine(pair, task, batch_budget=batch_budget, progress=progress)
     prepared = engine.prepared
     comp, dims, coords = sweep_grid(
         component,
@@ -211,7 +214,10 @@ def _estimate(
         # per layer: contributions by position [b, pos, ...] and for all-position sites [b, ...]
         per_layer: dict[int, tuple[Tensor, Tensor]] = {}
         if method is Method.IG:
-            for layer in layers:
+            desc = f"ig {comp.value} {direction.value}"
+            for layer in progress_bar(
+                layers, total=len(layers), desc=desc, enabled=engine.progress
+            ):
                 got = _contributions(engine, src, tgt, comp, [layer], rows, steps)
                 per_layer[layer] = got[layer]
         elif method is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K):
@@ -232,7 +238,8 @@ def _graddrop(
     cannot hide (means over prompts first: measured to rank better than per-prompt |.|)."""
     n_layers = engine.shape.n_layers
     total = torch.zeros(len(sites), dtype=torch.float64)
-    for layer in range(n_layers):
+    desc = f"graddrop {comp.value} {direction.value}"
+    for layer in progress_bar(range(n_layers), total=n_layers, desc=desc, enabled=engine.progress):
         est = _estimate(engine, direction, comp, sites, Method.ATP_STAR, 1, drop=layer)
         total += est.mean(1).abs()
     return (total / max(n_layers - 1, 1)).float()

@@ -80,7 +80,11 @@ def _md_figure(run: StoredRun, fig: Figure) -> str:
             break
     if stem.with_name(f"{stem.name}.html").is_file():
         links.append(f"[interactive figure](figures/{fig.analysis_id}.html)")
-    return "\n\n".join(links) or f"(figure: figures/{fig.analysis_id}.json)"
+    if links:
+        return "\n\n".join(links)
+    if stem.with_name(f"{stem.name}.json").is_file():
+        return f"(figure data: figures/{fig.analysis_id}.json)"
+    return f"(figure not written: `mechdelta figures {run.path}` writes it)"
 
 
 def render_md(

@@ -1,10 +1,16 @@
 """The transition report of a run: Markdown plus one self-contained HTML file.
 
-``write_report(run_dir)`` reads a complete run directory (no model is loaded) and writes
+``write_report(run_dir)`` reads a finished run directory (no model is loaded) and writes
 ``report.md`` (figures linked from ``figures/``) and ``report.html`` (figures embedded, plotly.js
 inlined once, so the file opens offline on its own). The report says what shifted and by how much
 (with its confidence interval), where the shift is localised (top sites, both directions, as
 tables), shows the figures, and ends with the provenance from the manifest.
+
+An interrupted run (manifest status ``running``: analyses or figures missing) gets no report:
+:class:`~mechdelta.errors.RunIncompleteError` says so and names the ``mechdelta run`` command that
+finishes it, rather than a report pointing at figures that do not exist. The directory's lock is
+held while the report is written (:class:`~mechdelta.errors.RunLockedError` while a run writes
+there).
 
 Each analysis kind contributes a section through a registry: a new kind registers a function
 ``(context, analysis_id, result) -> Section`` with :func:`register_section`.
@@ -32,6 +38,7 @@ from mechdelta.report._blocks import (
     render_html,
     render_md,
 )
+from mechdelta.runs._lock import run_lock
 from mechdelta.runs.rundir import StoredRun
 
 __all__ = [
@@ -120,11 +127,17 @@ def _shift_sentence(shift: Any, level: int) -> str:
     )
 
 
+#: What a table with no rows means: every site's score was exactly 0.
+NO_SITE_CHANGED = "no site changed the metric (every site scored exactly 0)"
+
+
 def top_sites_table(result: Any, k: int = 10) -> Table:
-    """Top sites of a sweep (a SweepResult or a BothDirections of sweeps) by |score|.
+    """Top sites of a sweep (a SweepResult or a BothDirections of sweeps) by |score|, largest
+    first, leaving out sites whose score is exactly 0 (patching them did not move the metric at
+    all); the table has no rows when no site did (see :data:`NO_SITE_CHANGED`).
 
     For both directions, sites are ranked by the larger |score| of the two, with one column per
-    direction.
+    direction, and left out only when both scores are 0. The caption states the sort rule.
     """
     from mechdelta.patching.results import BothDirections
 
@@ -137,20 +150,24 @@ def top_sites_table(result: Any, k: int = 10) -> Table:
             vals = [abs(x.score) for x in (a[site], b[site]) if not math.isnan(x.score)]
             return max(vals) if vals else -1.0
 
-        order = sorted(a, key=lambda s: -key(s))[:k]
+        kept = [s for s in a if a[s].score != 0.0 or b[s].score != 0.0]
+        order = sorted(kept, key=lambda s: -key(s))[:k]
         rows = tuple(
             (str(s), _score(a[s].score, a[s].ci), _score(b[s].score, b[s].ci)) for s in order
         )
         return Table(
             ("site", _DIRECTION_TEXT[first.direction][0], _DIRECTION_TEXT[second.direction][0]),
             rows,
-            "score: fraction of the shift explained [CI]",
+            "score: fraction of the shift explained [CI]; sorted by the larger |score| of the two "
+            "directions, largest first; sites scoring 0 in both left out",
         )
-    rows = tuple((str(s.site), _score(s.score, s.ci), f"{s.patched:.4g}") for s in result.top(k))
+    top = [s for s in result.top(len(result.sites)) if s.score != 0.0][:k]
+    rows = tuple((str(s.site), _score(s.score, s.ci), f"{s.patched:.4g}") for s in top)
     return Table(
         ("site", f"score ({_DIRECTION_TEXT[result.direction][0]})", "patched metric"),
         rows,
-        "score: fraction of the shift explained [CI]",
+        "score: fraction of the shift explained [CI]; sorted by |score|, largest first; sites "
+        "scoring 0 left out",
     )
 
 
@@ -204,12 +221,15 @@ def _sweep_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
         + ". "
         + " ".join(f"{_DIRECTION_TEXT[d][0]}: {_DIRECTION_TEXT[d][1]}." for d in directions)
     ]
-    best = top_sites_table(result, 1).rows
-    if best:
-        text.append(f"Top site: {best[0][0]} ({'; '.join(best[0][1:])}).")
+    table = top_sites_table(result, ctx.top_k)
+    if table.rows:
+        text.append(f"Top site: {table.rows[0][0]} ({'; '.join(table.rows[0][1:])}).")
+        found: Block = table
+    else:
+        found = Text(NO_SITE_CHANGED[0].upper() + NO_SITE_CHANGED[1:] + ".")
     return Section(
         f"Where it is localised: {first.component.value} sweep",
-        (Text(" ".join(text)), top_sites_table(result, ctx.top_k), Figure(analysis_id)),
+        (Text(" ".join(text)), found, Figure(analysis_id)),
         analysis_id,
     )
 
@@ -356,19 +376,29 @@ def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
             tops = "; ".join(f"{row[0]} ({', '.join(row[1:cols])})" for row in best.rows)
             blocks.append(
                 Text(
-                    f"Largest scores in {analysis_id}: {tops} (fraction of the shift explained [CI])."
+                    f"Largest scores in {analysis_id}, by |score|: {tops} (fraction of the shift "
+                    "explained [CI]; sites scoring 0 left out)."
                 )
             )
+        else:
+            blocks.append(Text(f"In {analysis_id}, {NO_SITE_CHANGED}."))
     return blocks
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into a complete run directory; returns both paths.
+    """Write ``report.md`` and ``report.html`` into a finished run directory; returns both paths.
 
-    Raises :class:`~mechdelta.errors.RunError` for partial or corrupt run directories.
+    Raises :class:`~mechdelta.errors.RunIncompleteError` for a partial or interrupted run (the
+    message names the ``mechdelta run`` command that finishes it; no report is written),
+    :class:`~mechdelta.errors.RunCorruptError` for damaged results and
+    :class:`~mechdelta.errors.RunLockedError` while another process writes the directory.
     """
-    run = StoredRun.open(run_dir)
-    run.require_complete()
+    with run_lock(run_dir, "mechdelta report"):
+        return _write_report(StoredRun.open(run_dir))
+
+
+def _write_report(run: StoredRun) -> tuple[Path, Path]:
+    run.require_finished()
     exp = run.experiment
     results = {i: run.load(i) for i in run.ids}
     ctx = ReportContext(run, exp.output.top_k, results)

@@ -14,11 +14,19 @@ from typing import Any
 from mechdelta.errors import RunCorruptError, RunError
 from mechdelta.runs._lock import LOCK_FILE
 from mechdelta.runs.experiment import Experiment
-from mechdelta.runs.rundir import MANIFEST, RESULTS, StoredRun, read_manifest, run_command
+from mechdelta.runs.rundir import (
+    FIGURES,
+    MANIFEST,
+    RESULTS,
+    StoredRun,
+    read_manifest,
+    run_command,
+)
 
 __all__ = ["check_identity", "damaged_analyses", "prepare_dir"]
 
 _COMPUTE_KEYS = ("pair", "task", "run", "analyses")
+_RUN_NAMES = {MANIFEST, RESULTS, FIGURES, "report.md", "report.html"}
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
@@ -38,6 +46,13 @@ def _entries(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name != LOCK_FILE]
 
 
+def _only_run_files(out: Path) -> bool:
+    """Whether the directory holds a manifest and nothing a run does not write."""
+    names = {p.name for p in _entries(out)}
+    temporary = {n for n in names if n.startswith(".") and n.endswith(".tmp")}
+    return MANIFEST in names and names - temporary <= _RUN_NAMES
+
+
 def _wipe(out: Path) -> None:
     """Delete a run's contents, keeping the lock file (deleting it would let a second writer in)."""
     for p in _entries(out):
@@ -50,23 +65,24 @@ def _wipe(out: Path) -> None:
 def prepare_dir(out: Path, exp: Experiment, *, overwrite: bool) -> dict[str, Any] | None:
     """The stored manifest to resume from (None: a fresh run); RunError for unusable dirs.
 
-    ``overwrite`` wipes a run directory (never one that is not a mechdelta run: a directory
-    counts as a run when its manifest reads, or when it has a ``manifest.json`` and ``results/``).
+    ``overwrite`` wipes a run directory, never one that is not a mechdelta run: a directory
+    counts as a run when its manifest reads, or when it holds a (damaged) ``manifest.json`` and
+    nothing a run does not write.
     """
     if not _entries(out):
         return None
     try:
         manifest = read_manifest(out)  # RunError: not a run directory, or a corrupt one
     except RunError as exc:
-        if overwrite and (out / MANIFEST).is_file() and (out / RESULTS).is_dir():
-            _wipe(out)  # a run whose manifest is damaged: starting over is what was asked
+        if not _only_run_files(out):
+            raise
+        if overwrite:  # a run whose manifest is damaged: starting over is what was asked
+            _wipe(out)
             return None
-        if (out / MANIFEST).is_file():
-            raise RunError(
-                f"{exc}. If this is a mechdelta run whose manifest was damaged, start it over "
-                f"with `{run_command(out, None, '--overwrite')}`."
-            ) from None
-        raise
+        raise RunError(
+            f"{exc}. Nothing vouches for its stored results, so it cannot be resumed or "
+            f"repaired: start it over with `{run_command(out, None, '--overwrite')}`."
+        ) from None
     if overwrite:
         _wipe(out)
         return None

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from mechdelta.core.provenance import environment
-from mechdelta.errors import ConfigError, ExportError, MechDeltaError, RunError, TaskError
+from mechdelta.errors import (
+    ConfigError,
+    ExportError,
+    MechDeltaError,
+    RunCorruptError,
+    RunError,
+    TaskError,
+)
 from mechdelta.runs._lock import run_lock
 from mechdelta.runs._resume import check_identity, damaged_analyses, prepare_dir
 from mechdelta.runs.experiment import AnalysisSpec, Experiment, PairSpec, short_hash
@@ -214,9 +221,8 @@ class RunResult:
         return StoredRun(self.run_dir, self.manifest).load(analysis_id)
 
     def __str__(self) -> str:
-        return f"run {self.manifest['config']['name']!r} in {os.fspath(self.run_dir)}: " + (
-            self.counts()
-        )
+        name = self.manifest["config"]["name"]
+        return f"run {name!r} in {os.fspath(self.run_dir)}: {self.counts()}"
 
     def counts(self) -> str:
         """``"2 analyses computed, 3 already complete"`` (and how many were repaired)."""
@@ -279,8 +285,13 @@ def _run_locked(
     t_start = time.perf_counter()
     stored = prepare_dir(out, exp, overwrite=overwrite)
     damaged = damaged_analyses(StoredRun(out, stored)) if stored is not None else {}
-    if damaged and not repair:
-        raise next(iter(damaged.values()))  # names --repair and --overwrite
+    if damaged and not repair:  # the error names --repair and --overwrite
+        first = next(iter(damaged.values()))
+        if len(damaged) == 1:
+            raise first
+        raise RunCorruptError(
+            f"{len(damaged)} stored analyses are damaged ({', '.join(damaged)}); the first: {first}"
+        )
     _say(quiet, f"mechdelta run {exp.name!r} -> {os.fspath(out)} ({len(exp.analyses)} analyses)")
 
     t0 = time.perf_counter()

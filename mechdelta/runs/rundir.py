@@ -232,8 +232,8 @@ class StoredRun:
         if missing:
             raise RunIncompleteError(
                 f"the run in {os.fspath(self.path)!r} is partial: {len(missing)} of "
-                f"{len(self.ids)} analyses are not complete ({', '.join(missing)}). Resume it "
-                f"with the command that started it: `{self.command()}` (complete analyses are "
+                f"{len(self.ids)} analyses are not complete ({', '.join(missing)}); resume it "
+                f"with the command that started it, `{self.command()}` (complete analyses are "
                 "kept)."
             )
 
