@@ -45,7 +45,7 @@ from mechdelta.errors import ConfigError
 from mechdelta.patching._engine import PatchEngine, _at
 from mechdelta.patching.results import BothDirections
 from mechdelta.patching.shift import engine_shift
-from mechdelta.patching.sweep import sweep_grid
+from mechdelta.patching.sweep import axis_tokens, grid_sites, sweep_grid
 from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
@@ -132,10 +132,8 @@ def attribute(
     )
     if "position" in dims:
         prepared.require_aligned("a by-position attribution")
-    sites = [
-        Site(comp, at.get("layer", 0), at.get("head"), at.get("position"), at.get("neuron"))
-        for at in _grid_rows(dims, coords)
-    ]
+    sites = grid_sites(comp, dims, coords)
+    tokens, shared_tokens = axis_tokens(prepared)
     qk = m is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K)
     engine.clean_run([*sites, *(qk_sites({s.layer for s in sites}) if qk else ())])
     boot = Bootstrap(n_boot, alpha, seed)
@@ -163,8 +161,8 @@ def attribute(
             ci=ci.reshape(*shape, 2),
             shift=shift,
             activation_delta=delta.reshape(shape),
-            tokens=None,
-            shared_tokens=tuple(prepared.position_tokens()),
+            tokens=tokens,
+            shared_tokens=shared_tokens,
             provenance={**engine.provenance(), "seed": seed, "method": m.value},
             method=m.value,
             steps=steps if m is Method.IG else None,
@@ -177,15 +175,6 @@ def attribute(
     if d is Direction.BOTH:
         return BothDirections(results[0], results[1])
     return results[0]
-
-
-def _grid_rows(dims: tuple[str, ...], coords: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
-    import itertools
-
-    return [
-        dict(zip(dims, values, strict=True))
-        for values in itertools.product(*(coords[k] for k in dims))
-    ]
 
 
 # --- the estimates ---------------------------------------------------------------------------------

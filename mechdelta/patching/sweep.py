@@ -18,9 +18,9 @@ from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
     from mechdelta.core.pair import ModelPair
-    from mechdelta.core.task import Task
+    from mechdelta.core.task import PreparedTask, Task
 
-__all__ = ["sweep", "sweep_grid"]
+__all__ = ["axis_tokens", "grid_sites", "sweep", "sweep_grid"]
 
 
 def _axis(name: str, chosen: Sequence[int] | None, size: int) -> tuple[int, ...]:
@@ -72,6 +72,34 @@ def sweep_grid(
         coords["neuron"] = _axis("neurons", neurons, shape.d_mlp)
         dims.append("neuron")
     return comp, tuple(dims), coords
+
+
+def grid_sites(
+    comp: Component, dims: tuple[str, ...], coords: dict[str, tuple[int, ...]]
+) -> list[Site]:
+    """Every site of a grid, row-major over ``dims`` (the order of a result's sites)."""
+    return [
+        Site(
+            comp,
+            at["layer"],
+            head=at.get("head"),
+            position=at.get("position"),
+            neuron=at.get("neuron"),
+        )
+        for at in (
+            dict(zip(dims, values, strict=True))
+            for values in itertools.product(*(coords[k] for k in dims))
+        )
+    ]
+
+
+def axis_tokens(prepared: PreparedTask) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """Prompt 0's tokens along the position frame, and per position the token every prompt
+    shares there (None where they differ): a result's ``tokens`` and ``shared_tokens``."""
+    offsets = prepared.frame_offsets
+    first = 0 if offsets is None else int(offsets[0])
+    tokens = tuple(prepared.str_tokens(0)[first : first + prepared.frame_len])
+    return tokens, tuple(prepared.position_tokens())
 
 
 def sweep(
@@ -128,29 +156,12 @@ def sweep(
     )
     if "position" in dims:
         prepared.require_aligned("a by-position sweep")
-    grid = [
-        dict(zip(dims, values, strict=True))
-        for values in itertools.product(*(coords[k] for k in dims))
-    ]
-    sites = [
-        Site(
-            comp,
-            at["layer"],
-            head=at.get("head"),
-            position=at.get("position"),
-            neuron=at.get("neuron"),
-        )
-        for at in grid
-    ]
+    sites = grid_sites(comp, dims, coords)
     engine.clean_run(sites)
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
     shape = tuple(len(coords[k]) for k in dims)
-    # prompt 0's tokens in the position frame, and per position the token all prompts share
-    offsets = prepared.frame_offsets
-    first = 0 if offsets is None else int(offsets[0])
-    tokens = tuple(prepared.str_tokens(0)[first : first + prepared.frame_len])
-    shared_tokens = tuple(prepared.position_tokens())
+    tokens, shared_tokens = axis_tokens(prepared)
     results = []
     for single in d.singles:
         values = engine.run(single, [(s,) for s in sites], desc=f"{comp.value} {single.value}")

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
+from mechdelta.plotting._style import _finish, _title
+
 if TYPE_CHECKING:
     from mechdelta.attribution.results import Verification
 
@@ -44,16 +46,10 @@ def verification_figure(v: Verification) -> go.Figure:
             hoverinfo="skip",
         )
     )
-    fig.update_layout(
-        title={
-            "text": (
-                f"{v.method} vs exact patching, {v.direction.value}<br><sup>{len(v.sites)} of "
-                f"{v.grid_size} sites; Pearson {v.pearson:.3f}, Spearman {v.spearman:.3f}; "
-                "score = fraction of the shift</sup>"
-            )
-        },
-        xaxis_title="exact score",
-        yaxis_title="estimated score",
-        template="plotly_white",
+    fig.update_layout(xaxis_title="exact score", yaxis_title="estimated score")
+    title = _title(
+        f"{v.method} vs exact patching, {v.direction.value}",
+        f"{len(v.sites)} of {v.grid_size} sites; Pearson {v.pearson:.3f}, "
+        f"Spearman {v.spearman:.3f}; score = fraction of the shift",
     )
-    return fig
+    return _finish(fig, title, 520, 760)
