@@ -55,14 +55,31 @@ def edge_figure(result: EdgeAttribution) -> go.Figure:
         ygap=1,
     )
     fig = go.Figure(heat)
-    fig.update_xaxes(title_text="receiver input", tickangle=-60, type="category")
-    fig.update_yaxes(title_text="sender", autorange="reversed", type="category")
+    # every label shown (plotly thins dense category ticks), sized so they do not collide
+    fig.update_xaxes(
+        title_text="receiver input",
+        tickangle=-60,
+        type="category",
+        tickmode="array",
+        tickvals=receivers,
+        ticktext=receivers,
+        tickfont={"size": 10},
+    )
+    fig.update_yaxes(
+        title_text="sender",
+        autorange="reversed",
+        type="category",
+        tickmode="array",
+        tickvals=senders,
+        ticktext=senders,
+        tickfont={"size": 10},
+    )
     steps = f", {result.steps} steps" if result.steps else ""
     title = _title(
         f"Edge attribution ({result.method}{steps}), {_direction_label(result.direction)}",
         _score_meaning(result.direction).replace("site", "edge"),
         _shift_line(result.shift),
     )
-    height = int(min(max(300, 14 * len(senders) + 160), 2400))
-    width = int(min(max(600, 12 * len(receivers) + 200), 2000))
+    height = int(min(max(300, 16 * len(senders) + 220), 2400))
+    width = int(min(max(600, 16 * len(receivers) + 220), 2000))
     return _finish(fig, title, height, width)
