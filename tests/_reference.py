@@ -175,6 +175,8 @@ def naive_patch(
 ) -> Tensor:
     """One full forward of ``target`` with ``source``'s activation at ``site`` copied in; the
     metric of the full logits (``metric(logits [batch, pos, vocab]) -> [batch]``)."""
+    if site.kind is md.Component.RESID_MID:  # the residual stream, set through attn_out
+        return naive_union_patch(source, target, tokens, [site], metric)
     cfg = target.cfg
     n_heads = int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)

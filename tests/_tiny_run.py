@@ -92,3 +92,37 @@ def copy_run(tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(base_run_dir(), dst)
     return dst
+
+
+# Attribution analyses (test_runs_attribution.py): node estimates in both directions checked by
+# exact patches, integrated gradients on one layer in one direction, edges in both directions.
+ATTRIBUTION_ANALYSES: list[dict[str, Any]] = [
+    {"kind": "shift"},
+    {
+        "kind": "attribute",
+        "component": "head_out",
+        "direction": "both",
+        "method": "atp",
+        "verify": 2,
+    },
+    {
+        "kind": "attribute",
+        "component": "head_out",
+        "method": "ig",
+        "steps": 2,
+        "layers": [1],
+        "verify": 1,
+    },
+    {"kind": "attribute_edges", "direction": "both"},
+]
+
+
+@functools.cache
+def attribution_run_dir() -> Path:
+    """A complete run of :data:`ATTRIBUTION_ANALYSES` (read only: copy it first)."""
+    from mechdelta.runs.run import run_experiment
+
+    root = Path(tempfile.mkdtemp(prefix="mechdelta-test-attribution-run-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    run_experiment(tiny_config(ATTRIBUTION_ANALYSES), root / "base", quiet=True)
+    return root / "base"

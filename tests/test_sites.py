@@ -11,7 +11,8 @@ SHAPE = ModelShape(n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=16)
 EXPECTED_HOOKS = {
     Component.EMBED: "hook_embed",
     Component.RESID_PRE: "blocks.2.hook_resid_pre",
-    Component.RESID_MID: "blocks.2.hook_resid_mid",
+    # written through the attention output (hook_resid_mid only feeds the MLP's norm in TL 4)
+    Component.RESID_MID: "blocks.2.hook_attn_out",
     Component.RESID_POST: "blocks.2.hook_resid_post",
     Component.ATTN_OUT: "blocks.2.hook_attn_out",
     Component.MLP_OUT: "blocks.2.hook_mlp_out",
@@ -38,6 +39,8 @@ def test_hook_name_and_shorthand_round_trip(comp):
         site = _site(comp, pos)
         assert site.hook_name == EXPECTED_HOOKS[comp]
         assert Site.parse(str(site)) == site
+    if comp is Component.RESID_MID:
+        assert _site(comp).read_hook_name == "blocks.2.hook_resid_mid"
     assert Site(
         comp.value, _site(comp).layer, head=_site(comp).head, neuron=_site(comp).neuron
     ) == _site(comp)

@@ -12,6 +12,10 @@ finishes it, rather than a report pointing at figures that do not exist. The dir
 held while the report is written (:class:`~mechdelta.errors.RunLockedError` while a run writes
 there).
 
+Attribution analyses (``attribute``, ``attribute_edges``) say in their sections that their scores
+are gradient-based estimates, and show an attribution's check against exact patching (summary
+line, verified sites, estimated-vs-exact scatter) when it was run with ``verify = k``.
+
 Each analysis kind contributes a section through a registry: a new kind registers a function
 ``(context, analysis_id, result) -> Section`` with :func:`register_section`.
 """
@@ -39,7 +43,7 @@ from mechdelta.report._blocks import (
     render_md,
 )
 from mechdelta.runs._lock import run_lock
-from mechdelta.runs.rundir import StoredRun
+from mechdelta.runs.rundir import StoredRun, result_figures
 
 __all__ = [
     "Figure",
@@ -131,15 +135,19 @@ def _shift_sentence(shift: Any, level: int) -> str:
 NO_SITE_CHANGED = "no site changed the metric (every site scored exactly 0)"
 
 
-def top_sites_table(result: Any, k: int = 10) -> Table:
+def top_sites_table(result: Any, k: int = 10, *, estimated: bool = False) -> Table:
     """Top sites of a sweep (a SweepResult or a BothDirections of sweeps) by |score|, largest
     first, leaving out sites whose score is exactly 0 (patching them did not move the metric at
     all); the table has no rows when no site did (see :data:`NO_SITE_CHANGED`).
 
     For both directions, sites are ranked by the larger |score| of the two, with one column per
     direction, and left out only when both scores are 0. The caption states the sort rule.
+    ``estimated=True`` (attribution results) says in the headers and caption that the scores and
+    patched metrics are estimates.
     """
     from mechdelta.patching.results import BothDirections
+
+    est = "estimated " if estimated else ""
 
     if isinstance(result, BothDirections):
         first, second = result.reference_to_intervened, result.intervened_to_reference
@@ -156,18 +164,22 @@ def top_sites_table(result: Any, k: int = 10) -> Table:
             (str(s), _score(a[s].score, a[s].ci), _score(b[s].score, b[s].ci)) for s in order
         )
         return Table(
-            ("site", _DIRECTION_TEXT[first.direction][0], _DIRECTION_TEXT[second.direction][0]),
+            (
+                "site",
+                est + _DIRECTION_TEXT[first.direction][0],
+                est + _DIRECTION_TEXT[second.direction][0],
+            ),
             rows,
-            "score: fraction of the shift explained [CI]; sorted by the larger |score| of the two "
-            "directions, largest first; sites scoring 0 in both left out",
+            f"{est}score: fraction of the shift explained [CI]; sorted by the larger |score| of "
+            "the two directions, largest first; sites scoring 0 in both left out",
         )
     top = [s for s in result.top(len(result.sites)) if s.score != 0.0][:k]
     rows = tuple((str(s.site), _score(s.score, s.ci), f"{s.patched:.4g}") for s in top)
     return Table(
-        ("site", f"score ({_DIRECTION_TEXT[result.direction][0]})", "patched metric"),
+        ("site", f"{est}score ({_DIRECTION_TEXT[result.direction][0]})", f"{est}patched metric"),
         rows,
-        "score: fraction of the shift explained [CI]; sorted by |score|, largest first; sites "
-        "scoring 0 left out",
+        f"{est}score: fraction of the shift explained [CI]; sorted by |score|, largest first; "
+        "sites scoring 0 left out",
     )
 
 
@@ -262,6 +274,196 @@ def _patch_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
     return Section(f"Joint patch: {sites}", (text, table, Figure(analysis_id)), analysis_id)
 
 
+_METHOD_TEXT = {
+    "atp": "AtP, first order: the target's metric plus (source activation − target activation) · "
+    "∂metric/∂activation in the target's clean run",
+    "atp*": "AtP*: first order, except that query/key sites recompute the attention probabilities "
+    "exactly from the source's queries/keys and linearise only from the pattern on",
+    "ig": "integrated gradients: the activation difference times the gradient averaged over {steps} "
+    "points of the straight path from the target's to the source's activation (layer by layer)",
+}
+
+
+def _verification_blocks(ctx: ReportContext, analysis_id: str, parts: list[Any]) -> list[Block]:
+    """The verification summary line, verified-site table and scatter of each direction."""
+    from mechdelta.runs.rundir import verification_figure_name
+
+    checked = [(p, p.verification) for p in parts if p.verification is not None]
+    if not checked:
+        return [
+            Text(
+                "Not verified against exact patching: set verify = k to patch the top k sites "
+                "by |estimate| and k random others exactly, or run a sweep of the top sites."
+            )
+        ]
+    blocks: list[Block] = [
+        Text(
+            "Verification: the top sites by |estimate| (by GradDrop magnitude when computed) and "
+            "as many random others were patched exactly; the estimated and exact scores "
+            "(fractions of the shift) are compared: Pearson and Spearman correlation, top-5 "
+            "recall (of the 5 largest exact scores, the fraction also among the 5 largest "
+            "estimates) and the largest |estimated − exact|."
+        )
+    ]
+    for part, v in checked:
+        rows = tuple(
+            (
+                str(v.sites[i]),
+                v.selected[i],
+                _num(float(v.estimated_scores[i])),
+                _num(float(v.exact_scores[i])),
+                _num(float(v.estimated_scores[i] - v.exact_scores[i])),
+            )
+            for i in _by_abs(v.exact_scores.tolist())[: ctx.top_k]
+        )
+        blocks += [
+            Text(str(v) + "."),
+            Table(
+                ("site", "selected", "estimated", "exact", "error"),
+                rows,
+                f"verified sites, {_DIRECTION_TEXT[part.direction][0]}: scores (fractions of "
+                "the shift), sorted by |exact score|, largest first",
+            ),
+            Figure(verification_figure_name(analysis_id, part.direction, len(parts) > 1)),
+        ]
+    return blocks
+
+
+def _by_abs(values: list[float]) -> list[int]:
+    """Indices sorted by |value|, largest first (NaN last; ties keep their order)."""
+    return sorted(
+        range(len(values)),
+        key=lambda i: -abs(values[i]) if not math.isnan(values[i]) else math.inf,
+    )
+
+
+@register_section("attribute")
+def _attribute_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    from mechdelta.patching.results import BothDirections
+
+    parts = list(result) if isinstance(result, BothDirections) else [result]
+    first = parts[0]
+    grid = " × ".join(f"{len(first.coords[d])} {d}s" for d in first.dims)
+    method = _METHOD_TEXT.get(first.method, first.method).format(steps=first.steps)
+    order = "path-integrated" if first.method == "ig" else "first-order"
+    graddrop = (
+        " GradDrop magnitudes were computed and rank the sites chosen for verification."
+        if first.graddrop is not None
+        else ""
+    )
+    text = (
+        f"Estimated effect of splicing the source model's activation at each site "
+        f"({first.component.value}, {grid}), method {first.method}: {method}. These are "
+        f"gradient-based estimates ({order}) from a few passes, not patches: verify them "
+        "against exact patching."
+        + graddrop
+        + " "
+        + " ".join(
+            f"{_DIRECTION_TEXT[p.direction][0]} (estimated): {_DIRECTION_TEXT[p.direction][1]}."
+            for p in parts
+        )
+    )
+    table = top_sites_table(result, ctx.top_k, estimated=True)
+    blocks: list[Block] = [Text(text)]
+    if table.rows:
+        blocks.append(
+            Text(f"Top site by estimate: {table.rows[0][0]} ({'; '.join(table.rows[0][1:])}).")
+        )
+        blocks.append(table)
+    else:
+        blocks.append(
+            Text(
+                "No site's estimate differs from the target's metric (every estimated score is "
+                "exactly 0)."
+            )
+        )
+    blocks.append(Figure(analysis_id))
+    blocks += _verification_blocks(ctx, analysis_id, parts)
+    return Section(
+        f"Attribution estimate: {first.component.value} ({first.method})",
+        tuple(blocks),
+        analysis_id,
+    )
+
+
+def _edge_rows(result: Any, k: int) -> Table:
+    """Top edges by |score| (metric units), largest first, edges scoring exactly 0 left out;
+    for both directions ranked by the larger |score| of the two."""
+    from mechdelta.errors import ResultFormatError
+    from mechdelta.patching.results import BothDirections
+
+    parts = list(result) if isinstance(result, BothDirections) else [result]
+    scores = [p.scores.tolist() for p in parts]
+    fractions = [p.fractions.tolist() for p in parts]
+    edges = parts[0].edges
+    if any(p.edges != edges for p in parts[1:]):
+        raise ResultFormatError("the two directions of an edge attribution have other edges")
+    size = [max(abs(s[i]) for s in scores) for i in range(len(edges))]
+    kept = [i for i in _by_abs(size) if any(s[i] != 0.0 for s in scores)][:k]
+    rows = tuple(
+        (
+            str(edges[i]),
+            *(
+                x
+                for s, f in zip(scores, fractions, strict=True)
+                for x in (_num(s[i], "+.4g"), _num(f[i]))
+            ),
+        )
+        for i in kept
+    )
+    headers = ["edge"]
+    for p in parts:
+        label = _DIRECTION_TEXT[p.direction][0]
+        headers += [f"score ({label})", f"fraction ({label})"]
+    rule = (
+        "sorted by the larger |score| of the two directions, largest first; edges scoring 0 in "
+        "both left out"
+        if len(parts) > 1
+        else "sorted by |score|, largest first; edges scoring 0 left out"
+    )
+    return Table(
+        tuple(headers),
+        rows,
+        f"score: estimated metric change (metric units); fraction: of the shift; {rule}",
+    )
+
+
+@register_section("attribute_edges")
+def _edges_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
+    from mechdelta.patching.results import BothDirections
+    from mechdelta.runs.rundir import figure_names
+
+    parts = list(result) if isinstance(result, BothDirections) else [result]
+    first = parts[0]
+    if first.method == "eap-ig":
+        how = (
+            f"EAP-IG: the gradient averaged over {first.steps} points of the straight path on "
+            "which every sender's write moves from the target's to the source's"
+        )
+    else:
+        how = "EAP: one gradient pass at the target's clean run (first order)"
+    text = (
+        f"Every edge sender → receiver input of the graph ({len(first.edges)} edges) scored as "
+        "edge score = (source write − target write) · ∂metric/∂(receiver input) in the target "
+        f"run, summed over positions and averaged over prompts, in metric units; method "
+        f"{first.method} ({how}). The source is the model whose writes are spliced in: "
+        + " ".join(
+            f"{_DIRECTION_TEXT[p.direction][0]}: {_DIRECTION_TEXT[p.direction][1]}." for p in parts
+        )
+        + " fraction: the score as that fraction of the shift. Estimates, not patches, and "
+        "without intervals: check the top edges by patching their senders."
+    )
+    table = _edge_rows(result, ctx.top_k)
+    blocks: list[Block] = [Text(text)]
+    if table.rows:
+        blocks.append(Text(f"Top edge: {table.rows[0][0]} ({'; '.join(table.rows[0][1:])})."))
+        blocks.append(table)
+    else:
+        blocks.append(Text("No edge's score differs from 0."))
+    blocks += [Figure(name) for name in figure_names(analysis_id, result)]
+    return Section(f"Edge attribution ({first.method})", tuple(blocks), analysis_id)
+
+
 @register_section("weight_diff")
 def _weight_diff_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section:
     changed = sorted(result.changed(), key=lambda r: -r.relative)
@@ -347,6 +549,7 @@ def _provenance_section(ctx: ReportContext) -> Section:
 
 
 def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
+    from mechdelta.attribution.results import AttributionResult
     from mechdelta.patching.results import BothDirections, SweepResult
 
     m = ctx.run.manifest
@@ -370,16 +573,24 @@ def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
         sweeps = list(r) if isinstance(r, BothDirections) else [r]
         if not all(isinstance(s, SweepResult) for s in sweeps):
             continue
-        best = top_sites_table(r, 3)
+        estimate = isinstance(sweeps[0], AttributionResult)
+        best = top_sites_table(r, 3, estimated=estimate)
         if best.rows:
             cols = 2 if len(sweeps) == 1 else 3  # single direction: drop the patched metric
             tops = "; ".join(f"{row[0]} ({', '.join(row[1:cols])})" for row in best.rows)
+            what = (
+                f"estimated scores ({sweeps[0].method}, not exact patches)"
+                if estimate
+                else "scores"
+            )
             blocks.append(
                 Text(
-                    f"Largest scores in {analysis_id}, by |score|: {tops} (fraction of the shift "
+                    f"Largest {what} in {analysis_id}, by |score|: {tops} (fraction of the shift "
                     "explained [CI]; sites scoring 0 left out)."
                 )
             )
+        elif estimate:
+            blocks.append(Text(f"In {analysis_id}, every estimated score is exactly 0."))
         else:
             blocks.append(Text(f"In {analysis_id}, {NO_SITE_CHANGED}."))
     return blocks
@@ -417,7 +628,7 @@ def _write_report(run: StoredRun) -> tuple[Path, Path]:
     sections.append(_provenance_section(ctx))
     title = f"Transition report: {exp.name}"
     intro = _summary(ctx, results)
-    figures = {i: r.figure() for i, r in results.items()}
+    figures = {n: f for i, r in results.items() for n, f in result_figures(i, r).items()}
     md_path, html_path = run.path / "report.md", run.path / "report.html"
     atomic_write_text(md_path, render_md(run, title, intro, sections))
     atomic_write_text(html_path, render_html(run, title, intro, sections, figures))

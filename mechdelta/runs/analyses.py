@@ -1,7 +1,8 @@
 """Analysis specifications: one ``[[analyses]]`` entry of an experiment, validated, with a stable id.
 
-Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep`` and ``patch``. A new
-kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs.run.EXECUTORS` and a
+Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep``, ``patch``,
+``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`) and ``attribute_edges``
+(:func:`~mechdelta.attribute_edges`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs.run.EXECUTORS` and a
 report section (:func:`mechdelta.report._build.register_section`).
 """
 
@@ -45,7 +46,29 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
         "batch_budget",
     ),
     "patch": ("sites", "direction", "batch_budget"),
+    "attribute": (
+        "component",
+        "direction",
+        "method",
+        "per_position",
+        "layers",
+        "heads",
+        "positions",
+        "neurons",
+        "steps",
+        "verify",
+        "graddrop",
+        "batch_budget",
+    ),
+    "attribute_edges": ("direction", "method", "steps", "batch_budget"),
 }
+#: kind -> (its default method, the methods it takes, the one method ``steps`` applies to).
+_METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "attribute": ("atp", ("atp", "atp*", "ig"), "ig"),
+    "attribute_edges": ("eap", ("eap", "eap-ig"), "eap-ig"),
+}
+#: Integration points of ``"ig"`` / ``"eap-ig"`` when ``steps`` is not given (the functions' own).
+DEFAULT_STEPS = 16
 ANALYSIS_KINDS = tuple(KIND_KEYS)
 _DIRECTION_SHORT = {
     Direction.REFERENCE_TO_INTERVENED: "r2i",
@@ -63,6 +86,11 @@ class AnalysisSpec:
       ``heads``, ``positions``, ``neurons``, ``batch_budget``.
     - ``patch``: ``sites`` (required, shorthand strings such as ``"L1H2"``), ``direction``,
       ``batch_budget``.
+    - ``attribute``: the sweep's keys plus ``method`` (``"atp"`` default, ``"atp*"``, ``"ig"``),
+      ``steps`` (``"ig"`` only; default 16), ``verify`` (k: exact patches of the top k sites and
+      k random others) and ``graddrop`` (``"atp*"`` only).
+    - ``attribute_edges``: ``direction``, ``method`` (``"eap"`` default, ``"eap-ig"``), ``steps``
+      (``"eap-ig"`` only; default 16), ``batch_budget``.
 
     ``name`` sets the analysis id; by default it is derived from the kind and the parameters
     (``batch_budget`` excluded, it does not change results), so ids are stable across runs.
@@ -78,6 +106,10 @@ class AnalysisSpec:
     positions: tuple[int, ...] | None = None
     neurons: tuple[int, ...] | None = None
     sites: tuple[str, ...] | None = None
+    method: str | None = None
+    steps: int | None = None
+    verify: int | None = None
+    graddrop: bool = False
     batch_budget: int | None = None
     index: int = field(default=0, compare=False, repr=False)
 
@@ -115,13 +147,18 @@ class AnalysisSpec:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         object.__setattr__(self, "direction", direction.value)
-        if self.kind == "sweep":
+        if self.kind in ("sweep", "attribute"):
             if self.component is None:
-                raise ConfigError(f"{where}: a sweep needs component = '...' (e.g. 'head_out')")
+                raise ConfigError(
+                    f"{where}: {'a sweep' if self.kind == 'sweep' else 'an attribution'} needs "
+                    "component = '...' (e.g. 'head_out')"
+                )
             try:
                 object.__setattr__(self, "component", Component.coerce(self.component).value)
             except MechDeltaError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
+            if self.positions is not None:  # positions imply a by-position grid
+                object.__setattr__(self, "per_position", True)
         if self.kind == "patch":
             if not self.sites:
                 raise ConfigError(f"{where}: a patch needs sites = ['L1H2', ...]")
@@ -132,8 +169,37 @@ class AnalysisSpec:
             if len(set(parsed)) != len(parsed):
                 raise ConfigError(f"{where}: sites has duplicates: {list(self.sites)}")
             object.__setattr__(self, "sites", parsed)
+        if self.kind in _METHODS:
+            self._check_method()
         if self.batch_budget is not None:
             check_int(self.batch_budget, f"{where} batch_budget", minimum=1)
+
+    def _check_method(self) -> None:
+        """``method``, ``steps``, ``verify``, ``graddrop`` of the attribution kinds; fills in the
+        default method, and ``steps`` for the integrated-gradient methods."""
+        where = self.where
+        default, methods, ig = _METHODS[self.kind]
+        method = default if self.method is None else str(self.method).strip().lower()
+        if method not in methods:
+            raise ConfigError(
+                f"{where}: unknown method {self.method!r}; choose one of "
+                f"{', '.join(repr(m) for m in methods)}"
+            )
+        object.__setattr__(self, "method", method)
+        if self.steps is not None:
+            check_int(self.steps, f"{where} steps", minimum=1)
+            if method != ig:
+                raise ConfigError(
+                    f"{where}: steps (integration points) applies to method {ig!r}, not "
+                    f"{method!r}; drop it or set method = {ig!r}"
+                )
+        elif method == ig:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)
+        if self.verify is not None:
+            check_int(self.verify, f"{where} verify", minimum=1)
+        check_bool(self.graddrop, f"{where} graddrop")
+        if self.graddrop and method != "atp*":
+            raise ConfigError(f"{where}: graddrop = true belongs to method 'atp*', not {method!r}")
 
     @property
     def where(self) -> str:
@@ -157,13 +223,13 @@ class AnalysisSpec:
         for key, value in table.items():
             if key in ("kind",):
                 continue
-            if key in ("name", "component", "direction"):
+            if key in ("name", "component", "direction", "method"):
                 kw[key] = check_str(value, f"{where} {key}")
-            elif key == "per_position":
+            elif key in ("per_position", "graddrop"):
                 kw[key] = check_bool(value, f"{where} {key}")
             elif key in ("layers", "heads", "positions", "neurons"):
                 kw[key] = check_ints(value, f"{where} {key}")
-            elif key == "batch_budget":
+            elif key in ("batch_budget", "steps", "verify"):
                 kw[key] = check_int(value, f"{where} {key}", minimum=1)
             elif key == "sites":
                 if isinstance(value, str) or not isinstance(value, Sequence):
@@ -178,9 +244,33 @@ class AnalysisSpec:
         out: dict[str, Any] = {}
         for key in KIND_KEYS[self.kind]:
             out[key] = jsonable(getattr(self, key))
-        if self.kind == "sweep" and self.positions is not None:
+        if self.kind in ("sweep", "attribute") and self.positions is not None:
             out["per_position"] = True
         return out
+
+    def attribution_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~mechdelta.attribute` (``attribute``) or
+        :func:`~mechdelta.attribute_edges` (``attribute_edges``), but the pair, task, bootstrap
+        settings and progress."""
+        steps = DEFAULT_STEPS if self.steps is None else self.steps
+        if self.kind == "attribute_edges":
+            return {
+                "direction": self.direction,
+                "method": self.method,
+                "steps": steps,
+                "batch_budget": self.batch_budget,
+            }
+        assert self.kind == "attribute"
+        return {
+            "component": self.component,
+            "direction": self.direction,
+            "method": self.method,
+            **self.grid(),
+            "steps": steps,
+            "batch_budget": self.batch_budget,
+            "verify": self.verify,
+            "graddrop": self.graddrop,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, **self.params(), "id": self.id}
@@ -203,11 +293,40 @@ class AnalysisSpec:
                 if (v := getattr(self, k)) is not None
             }
             return f"{stem}-{short_hash(restrict)}" if restrict else stem
+        if self.kind in ("attribute", "attribute_edges"):
+            return self._attribution_id(short)
         assert self.sites is not None  # validated in __post_init__
         joined = "+".join(self.sites)
         if len(joined) <= 48 and _ID_RE.match(f"patch-{joined}"):
             return f"patch-{joined}-{short}"
         return f"patch-{len(self.sites)}sites-{short}-{short_hash(list(self.sites))}"
+
+    def _attribution_id(self, short: str) -> str:
+        """``attribute-head_out-atp-both[-pos][-gd][-v4][-<hash of the grid, steps>]`` and
+        ``edges-eap-ig-both[-<hash of steps>]`` (steps only when not the default)."""
+        assert self.method is not None  # filled in by __post_init__
+        method = self.method.replace("*", "star")
+        restrict: dict[str, Any] = {}
+        if self.steps is not None and self.steps != DEFAULT_STEPS:
+            restrict["steps"] = self.steps
+        if self.kind == "attribute_edges":
+            stem = f"edges-{method}-{short}"
+        else:
+            stem = f"attribute-{self.component}-{method}-{short}"
+            if self.per_position or self.positions is not None:
+                stem += "-pos"
+            if self.graddrop:
+                stem += "-gd"
+            if self.verify is not None:
+                stem += f"-v{self.verify}"
+            restrict.update(
+                {
+                    k: list(v)
+                    for k in ("layers", "heads", "positions", "neurons")
+                    if (v := getattr(self, k)) is not None
+                }
+            )
+        return f"{stem}-{short_hash(restrict)}" if restrict else stem
 
 
 _ALL_PARAM_KEYS = frozenset(k for keys in KIND_KEYS.values() for k in keys)

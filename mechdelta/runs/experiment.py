@@ -42,6 +42,18 @@ into a run directory. Every unknown key is an error naming the key and the keys 
     kind = "patch"
     sites = ["L1H2", "L0H1"]
     name = "top-two-heads"       # optional: the analysis id (else derived from kind + params)
+
+    [[analyses]]
+    kind = "attribute"           # gradient estimates of a sweep grid: the sweep's keys, plus
+    component = "head_out"
+    method = "atp*"              # "atp" (default), "atp*", "ig" (steps = 16)
+    verify = 4                   # exact patches of the top 4 sites and 4 random others
+    graddrop = true              # "atp*" only
+
+    [[analyses]]
+    kind = "attribute_edges"     # every edge of the graph
+    method = "eap"               # or "eap-ig" (steps = 16)
+    direction = "both"
 """
 
 from __future__ import annotations

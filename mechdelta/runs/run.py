@@ -46,6 +46,7 @@ from mechdelta.runs.rundir import (
     RUN_FORMAT_VERSION,
     StoredRun,
     clear_analysis,
+    result_figures,
     save_analysis,
     write_manifest,
 )
@@ -144,6 +145,19 @@ def _run_patch(ctx: _Context, spec: AnalysisSpec) -> Any:
     )
 
 
+def _run_attribute(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.attribution.nodes import attribute
+
+    kw = spec.attribution_kwargs()
+    return attribute(ctx.pair, ctx.task, **kw, progress=ctx.progress, **ctx.boot)
+
+
+def _run_attribute_edges(ctx: _Context, spec: AnalysisSpec) -> Any:
+    from mechdelta.attribution.edges import attribute_edges
+
+    return attribute_edges(ctx.pair, ctx.task, **spec.attribution_kwargs(), **ctx.boot)
+
+
 def _run_weight_diff(ctx: _Context, spec: AnalysisSpec) -> Any:
     return ctx.pair.weight_diff()
 
@@ -162,11 +176,14 @@ EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
     "patch": _run_patch,
     "weight_diff": _run_weight_diff,
     "factorial": _run_factorial,
+    "attribute": _run_attribute,
+    "attribute_edges": _run_attribute_edges,
 }
 
 
 def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
     """Check every analysis against the model and prompts before spending compute on any."""
+    from mechdelta.core.graph import Graph
     from mechdelta.core.sites import Site
     from mechdelta.patching.sweep import sweep_grid
 
@@ -187,6 +204,15 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                 )
                 if "position" in dims:
                     prepared.require_aligned("a by-position sweep")
+            if spec.kind == "attribute":
+                assert spec.component is not None
+                _, dims, _ = sweep_grid(
+                    spec.component, pair.shape, prepared.frame_len, **spec.grid()
+                )
+                if "position" in dims:
+                    prepared.require_aligned("a by-position attribution")
+            if spec.kind == "attribute_edges":
+                Graph.from_model(pair)
             if spec.kind == "patch":
                 sites = [Site.parse(s) for s in spec.sites or ()]
                 for site in sites:
@@ -438,8 +464,8 @@ def _write_figures(
     (run.path / FIGURES).mkdir(parents=True, exist_ok=True)
     with FigureWriter():
         for analysis_id in tqdm(run.ids, desc="figures", disable=quiet, leave=False):
-            fig = run.load(analysis_id).figure()
-            written[analysis_id] = write_figure(fig, run.figure_stem(analysis_id), fmts)
+            for name, fig in result_figures(analysis_id, run.load(analysis_id)).items():
+                written[name] = write_figure(fig, run.figure_stem(name), fmts)
     return written, skipped
 
 
@@ -452,7 +478,9 @@ def regenerate_figures(
     """Rebuild every figure of a complete run from its stored results alone (no model loaded).
 
     ``formats`` defaults to the run's ``[output] figures``; ``<id>.json`` is always written, and
-    the same stored results always give the same figure JSON. Raises
+    the same stored results always give the same figure JSON. Returns figure name -> format ->
+    path, one name per figure (:func:`~mechdelta.runs.rundir.result_figures`: ``<id>``, plus
+    e.g. ``<id>.verification``). Raises
     :class:`~mechdelta.errors.RunError` for partial or corrupt run directories, and
     :class:`~mechdelta.errors.RunLockedError` while another process writes the directory.
     """

@@ -7,7 +7,12 @@
       results/<analysis id>/      the result's own save (safetensors + JSON), table.parquet, and
                                   analysis.json, written last: its presence marks the analysis
                                   complete, and it holds a SHA-256 of every other file
-      figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures
+        verification/<direction>/ an attribution's exact-patch check (``verify = k``): the
+                                  Verification's own save, one per direction
+        verification.parquet      its table (with a direction column)
+      figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
+                                  more figures of one analysis are <id>.<what>.json (see
+                                  :func:`result_figures`)
       report.md, report.html      from ``mechdelta report RUN``
       .mechdelta.lock             exists while a process writes the directory: holds an exclusive
                                   lock (pid, host, command inside; see mechdelta.runs._lock)
@@ -39,9 +44,12 @@ __all__ = [
     "RUN_FORMAT",
     "RUN_FORMAT_VERSION",
     "StoredRun",
+    "figure_names",
     "read_manifest",
+    "result_figures",
     "result_loaders",
     "run_command",
+    "verification_figure_name",
 ]
 
 RUN_FORMAT = "mechdelta-run"
@@ -51,17 +59,23 @@ RESULTS = "results"
 FIGURES = "figures"
 ANALYSIS = "analysis.json"
 TABLE = "table.parquet"
+VERIFICATION = "verification"
+VERIFICATION_TABLE = "verification.parquet"
 _ANALYSIS_FORMAT = "mechdelta-analysis"
 _MANIFEST_KEYS = ("format", "format_version", "status", "config", "models", "task", "analyses")
 
 
 def result_loaders() -> dict[str, Callable[[Path], Any]]:
     """Result type name (as stored in ``analysis.json``) -> its ``load``."""
+    from mechdelta.attribution._edge_result import EdgeAttribution
+    from mechdelta.attribution.results import AttributionResult
     from mechdelta.core.weights import WeightDiff
     from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
     from mechdelta.patching.shift import FactorialResult, ShiftResult
 
     return {
+        "AttributionResult": AttributionResult.load,
+        "EdgeAttribution": EdgeAttribution.load,
         "ShiftResult": ShiftResult.load,
         "SweepResult": SweepResult.load,
         "PatchResult": PatchResult.load,
@@ -69,6 +83,101 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
         "FactorialResult": FactorialResult.load,
         "WeightDiff": WeightDiff.load,
     }
+
+
+def _parts(result: Any) -> list[Any]:
+    """The one-direction results of a result (both of a BothDirections, else itself)."""
+    from mechdelta.patching.results import BothDirections
+
+    return list(result) if isinstance(result, BothDirections) else [result]
+
+
+def _direction_dir(direction: Any) -> str:
+    return str(direction.value).replace("->", "_to_")
+
+
+def _direction_short(direction: Any) -> str:
+    from mechdelta.runs.analyses import _DIRECTION_SHORT
+
+    return _DIRECTION_SHORT[direction]
+
+
+def _verification(part: Any) -> Any:
+    """The :class:`~mechdelta.Verification` an attribution result carries (else None)."""
+    from mechdelta.attribution.results import AttributionResult
+
+    return part.verification if isinstance(part, AttributionResult) else None
+
+
+def _save_verifications(root: Path, result: Any) -> None:
+    """Each direction's verification under ``verification/<direction>/``, with one table."""
+    import pandas as pd
+
+    frames = []
+    for part in _parts(result):
+        v = _verification(part)
+        if v is None:
+            continue
+        v.save(root / VERIFICATION / _direction_dir(part.direction))
+        frame = v.to_dataframe()
+        frame.insert(0, "direction", part.direction.value)
+        frames.append(frame)
+    if frames:
+        write_table(root / VERIFICATION_TABLE, pd.concat(frames, ignore_index=True))
+
+
+def _attach_verifications(root: Path, result: Any) -> None:
+    """Give a loaded attribution result back the verification it was stored with."""
+    from mechdelta.attribution.results import AttributionResult, Verification
+
+    for part in _parts(result):
+        if not isinstance(part, AttributionResult):
+            continue
+        path = root / VERIFICATION / _direction_dir(part.direction)
+        if path.is_dir():
+            # AttributionResult.verification reads this attribute (set by verify())
+            object.__setattr__(part, "_verification", Verification.load(path))
+
+
+def figure_names(analysis_id: str, result: Any) -> list[str]:
+    """The names of :func:`result_figures` (without building the figures)."""
+    return [name for name, _ in _figure_sources(analysis_id, result)]
+
+
+def result_figures(analysis_id: str, result: Any) -> dict[str, Any]:
+    """Every figure of one result, by name (its file stem under ``figures/``).
+
+    ``<id>``: the result's own figure; a two-direction edge attribution has one per direction
+    instead, ``<id>.r2i`` and ``<id>.i2r``. An attribution verified against exact patching adds
+    the estimated-vs-exact scatter, ``<id>.verification`` (``<id>.verification.r2i`` and
+    ``.i2r`` for both directions). Built from the result alone: the same stored result gives
+    the same figures.
+    """
+    return {name: source.figure() for name, source in _figure_sources(analysis_id, result)}
+
+
+def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
+    """(figure name, the object whose ``figure()`` draws it) for every figure of a result."""
+    from mechdelta.attribution._edge_result import EdgeAttribution
+    from mechdelta.patching.results import BothDirections
+
+    parts = _parts(result)
+    out: list[tuple[str, Any]] = []
+    if isinstance(result, BothDirections) and isinstance(parts[0], EdgeAttribution):
+        out += [(f"{analysis_id}.{_direction_short(p.direction)}", p) for p in parts]
+    else:
+        out.append((analysis_id, result))
+    for part in parts:
+        v = _verification(part)
+        if v is not None:
+            out.append((verification_figure_name(analysis_id, part.direction, len(parts) > 1), v))
+    return out
+
+
+def verification_figure_name(analysis_id: str, direction: Any, both: bool) -> str:
+    """The name of an attribution's verification figure (``both``: of a two-direction result)."""
+    name = f"{analysis_id}.{VERIFICATION}"
+    return f"{name}.{_direction_short(direction)}" if both else name
 
 
 def _sha256(path: Path) -> str:
@@ -158,10 +267,12 @@ def save_analysis(
     seconds: float,
     warnings: list[str],
 ) -> dict[str, Any]:
-    """Store one analysis: the result's own save, its table, then ``analysis.json`` (last)."""
+    """Store one analysis: the result's own save, its table, an attribution's verification,
+    then ``analysis.json`` (last)."""
     root = run_dir / RESULTS / analysis_id
     result.save(root)
     write_table(root / TABLE, result.to_dataframe())
+    _save_verifications(root, result)
     record = {
         "format": _ANALYSIS_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
@@ -292,7 +403,8 @@ class StoredRun:
         )
 
     def load(self, analysis_id: str, *, verify: bool = True) -> Any:
-        """The stored result of one analysis (a ShiftResult, SweepResult, BothDirections, ...)."""
+        """The stored result of one analysis (a ShiftResult, SweepResult, BothDirections, ...;
+        an attribution with its ``verification`` when it was verified)."""
         rec = self.record(analysis_id, verify=verify)
         loader = result_loaders().get(str(rec.get("result_type")))
         if loader is None:
@@ -300,7 +412,9 @@ class StoredRun:
                 f"analysis {analysis_id!r} stores an unknown result type {rec.get('result_type')!r}"
             )
         try:
-            return loader(self.result_dir(analysis_id))
+            result = loader(self.result_dir(analysis_id))
+            _attach_verifications(self.result_dir(analysis_id), result)
+            return result
         except MechDeltaError as exc:
             raise self._corrupt(f"analysis {analysis_id!r} cannot be read: {exc}") from None
 
