@@ -45,7 +45,7 @@ from mechdelta.errors import ConfigError
 from mechdelta.patching._engine import PatchEngine, _at
 from mechdelta.patching.results import BothDirections
 from mechdelta.patching.shift import engine_shift
-from mechdelta.patching.sweep import axis_tokens, grid_sites, sweep_grid
+from mechdelta.patching.sweep import axis_tokens, engine_grid
 from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
@@ -120,19 +120,16 @@ def attribute(
     d = Direction.coerce(direction)
     engine = PatchEngine(pair, task, batch_budget=batch_budget, progress=progress)
     prepared = engine.prepared
-    comp, dims, coords = sweep_grid(
+    comp, dims, coords, sites = engine_grid(
+        engine,
         component,
-        pair.shape,
-        prepared.frame_len,
+        "attribution",
         per_position=per_position,
         layers=layers,
         heads=heads,
         positions=positions,
         neurons=neurons,
     )
-    if "position" in dims:
-        prepared.require_aligned("a by-position attribution")
-    sites = grid_sites(comp, dims, coords)
     tokens, shared_tokens = axis_tokens(prepared)
     qk = m is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K)
     engine.clean_run([*sites, *(qk_sites({s.layer for s in sites}) if qk else ())])

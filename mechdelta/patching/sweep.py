@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mechdelta.core.pair import ModelPair
     from mechdelta.core.task import PreparedTask, Task
 
-__all__ = ["axis_tokens", "grid_sites", "sweep", "sweep_grid"]
+__all__ = ["axis_tokens", "engine_grid", "grid_sites", "sweep", "sweep_grid"]
 
 
 def _axis(name: str, chosen: Sequence[int] | None, size: int) -> tuple[int, ...]:
@@ -72,6 +72,34 @@ def sweep_grid(
         coords["neuron"] = _axis("neurons", neurons, shape.d_mlp)
         dims.append("neuron")
     return comp, tuple(dims), coords
+
+
+def engine_grid(
+    engine: PatchEngine,
+    component: Component | str,
+    what: str,
+    *,
+    per_position: bool = False,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+) -> tuple[Component, tuple[str, ...], dict[str, tuple[int, ...]], list[Site]]:
+    """A grid over the engine's task (positions in its frame; by-position grids need aligned
+    prompts) and its sites, for a ``what`` ("sweep", "attribution") of the component."""
+    comp, dims, coords = sweep_grid(
+        component,
+        engine.shape,
+        engine.prepared.frame_len,
+        per_position=per_position,
+        layers=layers,
+        heads=heads,
+        positions=positions,
+        neurons=neurons,
+    )
+    if "position" in dims:
+        engine.prepared.require_aligned(f"a by-position {what}")
+    return comp, dims, coords, grid_sites(comp, dims, coords)
 
 
 def grid_sites(
@@ -144,19 +172,16 @@ def sweep(
         pair, task, batch_budget=batch_budget, progress=progress, prefix_reuse=prefix_reuse
     )
     prepared = engine.prepared
-    comp, dims, coords = sweep_grid(
+    comp, dims, coords, sites = engine_grid(
+        engine,
         component,
-        pair.shape,
-        prepared.frame_len,
+        "sweep",
         per_position=per_position,
         layers=layers,
         heads=heads,
         positions=positions,
         neurons=neurons,
     )
-    if "position" in dims:
-        prepared.require_aligned("a by-position sweep")
-    sites = grid_sites(comp, dims, coords)
     engine.clean_run(sites)
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
