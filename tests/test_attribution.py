@@ -167,3 +167,12 @@ def test_graddrop_magnitudes_rank_verification():
     assert list(v.sites) == [result.sites[i] for i in top]
     with pytest.raises(ConfigError, match="graddrop=True belongs to method='atp\\*'"):
         md.attribute(pair, task, "head_k", I2R, "atp", graddrop=True)
+
+
+def test_activation_deltas_equal_the_sweeps():
+    pair = _pair(0.3)
+    task = contrast_task(pair, random_tokens(6, 6, 50, seed=11))
+    for component, kw in (("head_out", {}), ("head_k", {}), ("mlp_neuron", {"neurons": [1, 5]})):
+        est = md.attribute(pair, task, component, R2I, per_position=True, n_boot=N_BOOT, **kw)
+        exact = md.sweep(pair, task, component, R2I, per_position=True, n_boot=N_BOOT, **kw)
+        assert torch.allclose(est.activation_delta, exact.activation_delta, rtol=1e-5, atol=1e-6)

@@ -81,3 +81,16 @@ def test_score_ci_of_full_and_null_restoration():
     # no shift at all: every resample's fraction is undefined
     null = score_ci(reference, reference, patched, boot, toward_reference=True)
     assert null.isnan().all()
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2, 0.5])
+def test_interval_equals_torch_quantile(alpha):
+    """The topk-based percentile interval is torch's linear-interpolation quantile."""
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(37, 2000, generator=gen, dtype=torch.float64)
+    q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
+    want = torch.quantile(samples, q, dim=-1).movedim(0, -1)
+    got = Bootstrap(alpha=alpha).interval(samples)
+    assert (got - want).abs().max().item() < 1e-12
+    samples[3, 5] = float("nan")  # NaN samples are ignored (nanquantile path)
+    assert torch.isfinite(Bootstrap(alpha=alpha).interval(samples)).all()

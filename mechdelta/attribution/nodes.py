@@ -148,7 +148,7 @@ def attribute(
             boot,
             toward_reference=single.toward_reference,
         )
-        delta = torch.tensor([engine.site_delta(single, s) for s in sites])
+        delta = _activation_norms(engine, single, comp, sites)
         result = AttributionResult(
             component=comp,
             direction=single,
@@ -214,6 +214,28 @@ def _estimate(
             by_pos, every = per_layer[site.layer]
             out[i, rows] = _site_value(engine, site, rows, by_pos, every).double().cpu()
     return out
+
+
+def _activation_norms(
+    engine: PatchEngine, direction: Direction, comp: Component, sites: list[Site]
+) -> Float[Tensor, " site"]:
+    """Per site the norm of (source - target) clean activation over all prompts (the sweep's
+    ``activation_delta``), from each layer's whole difference tensor at once."""
+    src = engine.states[direction.source]
+    tgt = engine.states[direction.target]
+    batch = engine.prepared.batch_size
+    chunk = min(batch, engine.budget)
+    total = torch.zeros(len(sites), dtype=torch.float64)
+    for b0 in range(0, batch, chunk):
+        rows = slice(b0, min(b0 + chunk, batch))
+        squares = {}
+        for layer in sorted({s.layer for s in sites}):
+            d = _delta(engine, src, tgt, comp, layer, rows).double()
+            sq = d.square().sum(-1) if comp is Component.HEAD_OUT else _dot(comp, d, d)
+            squares[layer] = (sq, sq.sum(1))
+        for i, site in enumerate(sites):
+            total[i] += _site_value(engine, site, rows, *squares[site.layer]).sum().cpu()
+    return total.sqrt().float()
 
 
 def _graddrop(

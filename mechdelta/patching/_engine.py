@@ -263,7 +263,8 @@ class PatchEngine:
             return self._deltas[key]
         src = self.states[direction.source]
         tgt = self.states[direction.target]
-        self.clean_run([site])
+        if not {site.read_hook_name, site.hook_name} <= self._cached_names:
+            self.clean_run([site])
         every = slice(0, self.prepared.batch_size)
         a = self._read(src, site, every)
         b = self._read(tgt, site, every)
