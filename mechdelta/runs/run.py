@@ -435,8 +435,7 @@ def _write_figures(
     formats: tuple[str, ...] | None = None,
     quiet: bool = False,
 ) -> tuple[dict[str, dict[str, Path]], str | None]:
-    from tqdm import tqdm
-
+    from mechdelta.core.progress import progress
     from mechdelta.plotting import FigureWriter, find_browser, write_figure
 
     fmts = tuple(dict.fromkeys(("json", *(exp.output.figures if formats is None else formats))))
@@ -463,7 +462,8 @@ def _write_figures(
     written: dict[str, dict[str, Path]] = {}
     (run.path / FIGURES).mkdir(parents=True, exist_ok=True)
     with FigureWriter():
-        for analysis_id in tqdm(run.ids, desc="figures", disable=quiet, leave=False):
+        enabled = False if quiet else None
+        for analysis_id in progress(run.ids, total=len(run.ids), desc="figures", enabled=enabled):
             for name, fig in result_figures(analysis_id, run.load(analysis_id)).items():
                 written[name] = write_figure(fig, run.figure_stem(name), fmts)
     return written, skipped
