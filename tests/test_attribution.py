@@ -176,3 +176,16 @@ def test_activation_deltas_equal_the_sweeps():
         est = md.attribute(pair, task, component, R2I, per_position=True, n_boot=N_BOOT, **kw)
         exact = md.sweep(pair, task, component, R2I, per_position=True, n_boot=N_BOOT, **kw)
         assert torch.allclose(est.activation_delta, exact.activation_delta, rtol=1e-5, atol=1e-6)
+
+
+def test_atp_star_without_attention_scores_is_a_typed_error(monkeypatch):
+    """Where neither q·k nor the bridge's scores hook reproduces the pattern, atp* on key/query
+    sites refuses (plain atp still runs)."""
+    from mechdelta.attribution import _qk
+
+    pair = _pair(0.3)
+    task = contrast_task(pair, random_tokens(6, 6, 50, seed=12))
+    monkeypatch.setattr(_qk, "_reproduces", lambda *args: False)
+    with pytest.raises(AttributionError, match="method 'atp\\*' needs this model's attention"):
+        md.attribute(pair, task, "head_k", method="atp*", n_boot=N_BOOT)
+    md.attribute(pair, task, "head_k", method="atp", n_boot=N_BOOT)
