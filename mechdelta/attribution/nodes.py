@@ -42,7 +42,8 @@ from mechdelta.core.directions import Direction
 from mechdelta.core.progress import progress as progress_bar
 from mechdelta.core.sites import Component, Site
 from mechdelta.errors import ConfigError
-from mechdelta.patching._engine import PatchEngine, _at
+from mechdelta.patching._engine import PatchEngine
+from mechdelta.patching._hooks import at_rows
 from mechdelta.patching.results import BothDirections
 from mechdelta.patching.shift import engine_shift
 from mechdelta.patching.sweep import axis_tokens, engine_grid
@@ -274,7 +275,7 @@ def _site_value(
         return every[(local, *extra)]
     pos = engine._pos(rows, site)
     if isinstance(pos, Tensor):
-        b_idx, p_idx = _at(local, pos)
+        b_idx, p_idx = at_rows(local, pos)
         return by_pos[(b_idx, p_idx, *extra)]
     return by_pos[(local, pos, *extra)]
 

@@ -25,6 +25,7 @@ from mechdelta.core.progress import progress
 from mechdelta.core.sites import Component, ModelShape, Site, union
 from mechdelta.core.task import PreparedTask, Task
 from mechdelta.errors import ConfigError, PatchingError, SiteError
+from mechdelta.patching._hooks import AttnOutPlan, at_rows, attn_out_writer, capture, writer
 from mechdelta.patching._runner import CacheHooks, Hook, ModelRunner, prefix_cache
 
 __all__ = ["PatchEngine"]
@@ -377,20 +378,20 @@ class PatchEngine:
         out_names = {f"blocks.{layer}.hook_attn_out" for layer in layers}
         for name, ops in writes.items():
             if name not in out_names:  # attn_out replacements go into the layer's own hook
-                hooks.append((name, _writer(name, ops, fired)))
+                hooks.append((name, writer(name, ops, fired)))
         for layer in layers:
             out_name = f"blocks.{layer}.hook_attn_out"
             live: dict[str, Tensor] = {}
             if head_out[layer]:
                 # after any hook_z writer above: the correction must see the z W_O actually reads
                 z_name = f"blocks.{layer}.attn.hook_z"
-                hooks.append((z_name, _capture(z_name, "z", live, fired)))
+                hooks.append((z_name, capture(z_name, "z", live, fired)))
             if mid[layer]:
                 pre_name = f"blocks.{layer}.hook_resid_pre"
-                hooks.append((pre_name, _capture(pre_name, "resid_pre", live, fired)))
+                hooks.append((pre_name, capture(pre_name, "resid_pre", live, fired)))
             w_tgt = self._w_o(tgt, layer) if head_out[layer] else None
-            plan = _AttnOutPlan(head_out[layer], writes.get(out_name, []), mid[layer], live, w_tgt)
-            hooks.append((out_name, _attn_out_writer(out_name, plan, fired)))
+            plan = AttnOutPlan(head_out[layer], writes.get(out_name, []), mid[layer], live, w_tgt)
+            hooks.append((out_name, attn_out_writer(out_name, plan, fired)))
         expected = {name for name, _ in hooks}
         return hooks, fired, expected
 
@@ -409,7 +410,7 @@ class PatchEngine:
         """Index of the site's activation for batch ``rows`` at ``pos`` (see :meth:`_pos`)."""
         idx = site.index(self.shape)
         axis = 2 if site.kind is Component.HEAD_PATTERN else 1
-        return (*_at(rows, pos)[:1], *idx[1:axis], pos, *idx[axis + 1 :])
+        return (*at_rows(rows, pos)[:1], *idx[1:axis], pos, *idx[axis + 1 :])
 
     def _read(self, state: _ModelState, site: Site, rows: slice) -> Tensor:
         """The site's clean activation in ``state``'s model for prompts ``rows``; for
@@ -418,7 +419,7 @@ class PatchEngine:
         if site.kind is Component.HEAD_OUT:
             assert site.head is not None
             z = state.cache[f"blocks.{site.layer}.attn.hook_z"]
-            return z[(*_at(rows, pos), site.head)] @ self._w_o(state, site.layer)[site.head]
+            return z[(*at_rows(rows, pos), site.head)] @ self._w_o(state, site.layer)[site.head]
         return state.cache[site.read_hook_name][self._index(site, rows, pos)]
 
     def _check_resid_mid(self, state: _ModelState, layer: int) -> None:
@@ -499,68 +500,3 @@ class PatchEngine:
                     f"this bridge discards edits to {kind.value!r}, so it cannot be patched"
                 )
             state.probed.add((kind, layer))
-
-
-def _at(rows: slice, pos: Any) -> tuple[Any, Any]:
-    """Batch and position indices of prompts ``rows`` at ``pos``: a slice or an int applies to
-    every row; a tensor holds one position per row (advanced indexing pairs it with the rows)."""
-    if isinstance(pos, Tensor):
-        return torch.arange(rows.start, rows.stop, device=pos.device), pos
-    return rows, pos
-
-
-def _writer(name: str, ops: list[tuple[tuple[Any, ...], Tensor]], fired: set[str]) -> Any:
-    def hook(x: Tensor, hook: Any) -> Tensor:
-        x = x.clone()
-        for index, value in ops:
-            x[index] = value.to(x.dtype)
-        fired.add(name)
-        return x
-
-    return hook
-
-
-def _capture(name: str, key: str, live: dict[str, Tensor], fired: set[str]) -> Any:
-    def hook(x: Tensor, hook: Any) -> None:
-        live[key] = x
-        fired.add(name)
-
-    return hook
-
-
-@dataclass
-class _AttnOutPlan:
-    """What a patched run does at one layer's attention output, in this order: swap listed
-    heads' live writes for the source's (``heads``: rows, position, head, source write), apply
-    replacements of the whole output (``replace``), then set the residual after attention to
-    the source's (``mid``: the output becomes ``source resid_mid - live resid_pre``)."""
-
-    heads: list[tuple[slice, Any, int, Tensor]]
-    replace: list[tuple[tuple[Any, ...], Tensor]]
-    mid: list[tuple[tuple[Any, ...], Tensor]]
-    live: dict[str, Tensor]
-    w_o: Tensor | None
-
-
-def _attn_out_writer(name: str, plan: _AttnOutPlan, fired: set[str]) -> Any:
-    """Each later step contains the earlier ones' activations, so the union is applied."""
-
-    def hook(x: Tensor, hook: Any) -> Tensor:
-        x = x.clone()
-        if plan.heads:
-            z = plan.live.pop("z")
-            assert plan.w_o is not None
-            for vrows, pos, head, c_src in plan.heads:
-                at = _at(vrows, pos)
-                c_tgt = z[(*at, head)] @ plan.w_o[head]
-                x[at] = x[at] + (c_src - c_tgt).to(x.dtype)
-        for index, value in plan.replace:
-            x[index] = value.to(x.dtype)
-        if plan.mid:
-            pre = plan.live.pop("resid_pre")
-            for index, value in plan.mid:
-                x[index] = (value - pre[index]).to(x.dtype)
-        fired.add(name)
-        return x
-
-    return hook
