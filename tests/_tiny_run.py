@@ -10,6 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
+
 ANALYSES: list[dict[str, Any]] = [
     {"kind": "shift"},
     {"kind": "sweep", "component": "head_out", "direction": "both"},
@@ -126,3 +129,19 @@ def attribution_run_dir() -> Path:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     run_experiment(tiny_config(ATTRIBUTION_ANALYSES), root / "base", quiet=True)
     return root / "base"
+
+
+def assert_same_files(a: dict[str, object], b: dict[str, object]) -> None:
+    """Two run-directory fingerprints (path -> tensors / table / text) hold equal contents."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            assert isinstance(y, dict) and sorted(x) == sorted(y), key
+            for name in x:
+                assert torch.equal(x[name], y[name]), f"{key}:{name}"
+        elif isinstance(x, pd.DataFrame):
+            assert isinstance(y, pd.DataFrame), key
+            pd.testing.assert_frame_equal(x, y)
+        else:
+            assert x == y, key

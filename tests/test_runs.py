@@ -25,6 +25,7 @@ from tests._tiny_run import (
     ANALYSES,
     IDS,
     NOT_SIGNIFICANT_TOML,
+    assert_same_files,
     base_run_dir,
     copy_run,
     tiny_config,
@@ -52,20 +53,6 @@ def _fingerprint(run_dir: Path, ids: tuple[str, ...] = IDS) -> dict[str, object]
         out[f"{i}.parquet"] = pd.read_parquet(run_dir / "results" / i / "table.parquet")
         out[f"{i}.figure"] = (run_dir / "figures" / f"{i}.json").read_text()
     return out
-
-
-def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, dict):
-            assert sorted(x) == sorted(y), key
-            for name in x:
-                assert torch.equal(x[name], y[name]), f"{key}:{name}"
-        elif isinstance(x, pd.DataFrame):
-            pd.testing.assert_frame_equal(x, y)
-        else:
-            assert x == y, key
 
 
 def test_run_layout_and_manifest(base_run):
@@ -157,12 +144,12 @@ def test_interrupted_run_resumes_with_identical_results(base_run, tmp_path, monk
     assert m["status"] == "complete" and len(m["sessions"]) == 2
     # identical to the uninterrupted run (each analysis depends only on its own config + seeds)
     ids = IDS[:3]
-    _assert_same(_fingerprint(out, ids), _fingerprint(base_run[0], ids))
+    assert_same_files(_fingerprint(out, ids), _fingerprint(base_run[0], ids))
 
     # a third launch finds everything complete and recomputes nothing
     again = run_experiment(tiny_config(SMALL), out, quiet=True)
     assert again.computed == () and again.skipped == ids
-    _assert_same(_fingerprint(out, ids), _fingerprint(base_run[0], ids))
+    assert_same_files(_fingerprint(out, ids), _fingerprint(base_run[0], ids))
 
 
 def test_a_half_written_analysis_is_recomputed(base_run, tmp_path):
@@ -174,7 +161,7 @@ def test_a_half_written_analysis_is_recomputed(base_run, tmp_path):
         regenerate_figures(out)
     result = run_experiment(tiny_config(), out, quiet=True)
     assert result.computed == ("patch-L1H1+L0H2-both",)
-    _assert_same(_fingerprint(out), _fingerprint(base_run[0]))
+    assert_same_files(_fingerprint(out), _fingerprint(base_run[0]))
 
 
 def test_resume_refuses_another_experiment(base_run, tmp_path):
@@ -348,7 +335,7 @@ def test_repair_recomputes_only_the_damaged_analysis(base_run, tmp_path, damage)
     assert sorted(result.skipped) == other
     assert str(result).endswith("1 analyses computed, 4 already complete, 1 repaired")
     assert {i: (out / "results" / i / "analysis.json").read_bytes() for i in other} == untouched
-    _assert_same(_fingerprint(out), _fingerprint(base_run[0]))
+    assert_same_files(_fingerprint(out), _fingerprint(base_run[0]))
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["sessions"][-1]["repaired"] == [victim]
     # a repaired run is an ordinary run again
@@ -406,4 +393,4 @@ def test_several_damaged_analyses_are_named_and_repaired_together(base_run, tmp_
         run_experiment(tiny_config(), out, quiet=True)
     result = run_experiment(tiny_config(), out, quiet=True, repair=True)
     assert result.repaired == ("shift", "factorial") == result.computed
-    _assert_same(_fingerprint(out), _fingerprint(base_run[0]))
+    assert_same_files(_fingerprint(out), _fingerprint(base_run[0]))

@@ -24,7 +24,12 @@ from mechdelta.runs import run as runs
 from mechdelta.runs.experiment import AnalysisSpec, Experiment
 from mechdelta.runs.run import regenerate_figures, run_experiment
 from mechdelta.runs.rundir import StoredRun
-from tests._tiny_run import ATTRIBUTION_ANALYSES, attribution_run_dir, tiny_config
+from tests._tiny_run import (
+    ATTRIBUTION_ANALYSES,
+    assert_same_files,
+    attribution_run_dir,
+    tiny_config,
+)
 
 NODES = "attribute-head_out-atp-both-v2"
 IG = "attribute-head_out-ig-r2i-v1-4df04971"
@@ -60,20 +65,6 @@ def _fingerprint(run_dir: Path, ids: tuple[str, ...] = IDS) -> dict[str, object]
         for p in sorted((run_dir / "figures").glob(f"{i}.*json")):
             out[p.name] = p.read_text()
     return out
-
-
-def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, dict):
-            assert sorted(x) == sorted(y), key
-            for name in x:
-                assert torch.equal(x[name], y[name]), f"{key}:{name}"
-        elif isinstance(x, pd.DataFrame):
-            pd.testing.assert_frame_equal(x, y)
-        else:
-            assert x == y, key
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -311,7 +302,7 @@ def test_an_interrupted_attribution_run_resumes_to_identical_results(base, tmp_p
     assert {
         p: p.read_bytes() for p in sorted((out / "results" / NODES).rglob("*")) if p.is_file()
     } == node_bytes
-    _assert_same(_fingerprint(out), _fingerprint(base))
+    assert_same_files(_fingerprint(out), _fingerprint(base))
 
 
 def test_a_damaged_verification_is_refused_and_repaired(base, tmp_path):
@@ -322,4 +313,4 @@ def test_a_damaged_verification_is_refused_and_repaired(base, tmp_path):
         StoredRun.open(out).load(NODES)
     result = run_experiment(tiny_config(ATTRIBUTION_ANALYSES), out, quiet=True, repair=True)
     assert result.repaired == (NODES,) and result.computed == (NODES,)
-    _assert_same(_fingerprint(out), _fingerprint(base))
+    assert_same_files(_fingerprint(out), _fingerprint(base))
