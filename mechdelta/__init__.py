@@ -64,6 +64,9 @@ from mechdelta.runs.experiment import Experiment
 from mechdelta.runs.run import RunResult, regenerate_figures, run_experiment
 from mechdelta.runs.rundir import StoredRun
 from mechdelta.stats.bootstrap import Bootstrap
+from mechdelta.stats.claims import Claim, Claims, claims
+from mechdelta.stats.reliability import Reliability, reliability, split_half
+from mechdelta.stats.testing import SiteTest
 from mechdelta.zoo import ZooCard, ZooEntry
 
 __all__ = [
@@ -73,6 +76,8 @@ __all__ = [
     "AttributionResult",
     "Bootstrap",
     "BothDirections",
+    "Claim",
+    "Claims",
     "Component",
     "ConfigError",
     "DeviceError",
@@ -107,6 +112,7 @@ __all__ = [
     "PreparedTask",
     "Processing",
     "ProcessingMismatchError",
+    "Reliability",
     "ResultFormatError",
     "RunCorruptError",
     "RunError",
@@ -118,6 +124,7 @@ __all__ = [
     "Site",
     "SiteError",
     "SiteScore",
+    "SiteTest",
     "StoredRun",
     "SweepResult",
     "Task",
@@ -133,12 +140,15 @@ __all__ = [
     "__version__",
     "attribute",
     "attribute_edges",
+    "claims",
     "factorial",
     "measure_shift",
     "patch",
     "plotting",
     "regenerate_figures",
+    "reliability",
     "run_experiment",
+    "split_half",
     "sweep",
     "write_report",
     "zoo",

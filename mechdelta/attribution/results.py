@@ -15,7 +15,13 @@ from mechdelta.core._io import load_result, save_result
 from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Site
 from mechdelta.errors import AttributionError, ConfigError, ResultFormatError
-from mechdelta.patching.results import SiteScore, SweepResult, fraction_explained
+from mechdelta.patching.results import (
+    SiteScore,
+    SweepResult,
+    _cached,
+    fraction_explained,
+    site_p_values,
+)
 from mechdelta.patching.shift import _MALFORMED, ShiftResult
 
 if TYPE_CHECKING:
@@ -113,6 +119,50 @@ class AttributionResult(SweepResult):
         )
         object.__setattr__(self, "_verification", result)
         return result
+
+    @property
+    def p(self) -> Float[Tensor, "*grid"]:
+        """Per-site p-values of the *exact* patches :meth:`verify` ran (the grid's shape; NaN at
+        unverified sites). Estimates are never tested: a first-order estimate is not evidence that
+        a splice changes the metric. Raises :class:`~mechdelta.errors.AttributionError` before
+        :meth:`verify`."""
+        ver = self._verified("p")
+        index = {s: i for i, s in enumerate(self.sites)}
+
+        def make() -> Tensor:
+            out = torch.full((len(index),), float("nan"), dtype=torch.float64)
+            p = site_p_values(ver.exact, self.direction, self.shift, self.testing)
+            for site, value in zip(ver.sites, p.tolist(), strict=True):
+                out[index[site]] = value
+            return out.reshape(self.grid_shape)
+
+        return _cached(self, ("p", self.testing, id(ver)), make)  # type: ignore[no-any-return]
+
+    @property
+    def q(self) -> Float[Tensor, "*grid"]:
+        """:attr:`p` adjusted with the *whole grid* as the family: every unverified site counts as
+        a test with p = 1 (it was not selected, so it is not rejected), so choosing which sites to
+        verify from the estimates cannot shrink the correction. NaN at unverified sites."""
+        ver = self._verified("q")
+
+        def make() -> Tensor:
+            p = self.p
+            filled = torch.nan_to_num(p, nan=1.0)
+            from mechdelta.stats.testing import adjust
+
+            q = adjust(filled, self.testing.correction)
+            return torch.where(torch.isnan(p), p, q)
+
+        return _cached(self, ("q", self.testing, id(ver)), make)  # type: ignore[no-any-return]
+
+    def _verified(self, what: str) -> Verification:
+        ver = self.verification
+        if ver is None:
+            raise AttributionError(
+                f"{what}: attribution estimates are not tested; run result.verify(k) first, "
+                "which patches the top sites exactly, and their p/q-values are reported"
+            )
+        return ver
 
     def _target_mean(self) -> float:
         s = self.shift

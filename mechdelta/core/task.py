@@ -12,6 +12,7 @@ the last ``k`` tokens of every prompt, ``k`` the shortest prompt's length ("the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,35 @@ class Task:
 
     def __len__(self) -> int:
         return _count(self.prompts, "prompts")
+
+    def subset(self, indices: Sequence[int], *, name: str | None = None) -> Task:
+        """The same task on the prompts at ``indices`` (answers, wrong tokens, corrupted prompts
+        and the loss mask follow), e.g. for split halves."""
+        n = len(self)
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise TaskError("subset() needs at least one prompt index")
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise TaskError(f"subset(): indices {bad[:5]} out of range for {n} prompts")
+
+        def pick(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, Tensor):
+                return value[torch.tensor(idx)]
+            seq = list(value)
+            return [seq[i] for i in idx]
+
+        return dataclasses.replace(
+            self,
+            prompts=pick(self.prompts),
+            answers=pick(self.answers),
+            wrong=pick(self.wrong),
+            corrupted=pick(self.corrupted),
+            loss_mask=pick(self.loss_mask),
+            name=self.name if name is None else name,
+        )
 
     def prepare(self, tokenizer: Any, *, n_ctx: int, d_vocab: int) -> PreparedTask:
         """Tokenize for a model with ``n_ctx`` positions and ``d_vocab`` tokens."""

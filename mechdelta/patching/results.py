@@ -23,12 +23,59 @@ from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Component, Site
 from mechdelta.errors import ConfigError, ResultFormatError
 from mechdelta.patching.shift import _MALFORMED, ShiftResult
+from mechdelta.stats.testing import SiteTest, adjust, p_values
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
 __all__ = ["BothDirections", "PatchResult", "SiteScore", "SweepResult"]
+
+_Self = TypeVar("_Self")
+
+
+def target_metric(direction: Direction, shift: ShiftResult) -> Tensor:
+    """The target model's clean metric per prompt (the run a splice in ``direction`` edits)."""
+    return shift.intervened if direction.toward_reference else shift.reference
+
+
+def site_p_values(
+    per_prompt: Tensor,
+    direction: Direction,
+    shift: ShiftResult,
+    spec: SiteTest,
+    unchanged: Tensor | None = None,
+) -> Tensor:
+    """Per-site p-values (float64, shape ``per_prompt.shape[:-1]``) of "the splice changes the
+    target's metric", from the paired differences ``patched - target`` over prompts; 1 where the
+    spliced activations equal the target's (``unchanged``: activation delta exactly 0)."""
+    grid = per_prompt.shape[:-1]
+    diffs = per_prompt.double().reshape(-1, per_prompt.shape[-1]) - target_metric(
+        direction, shift
+    ).double().unsqueeze(0)
+    p = p_values(diffs, spec)
+    if unchanged is not None:
+        p = torch.where(unchanged.flatten().to(torch.bool), torch.ones_like(p), p)
+    return p.reshape(grid)
+
+
+def _cached(obj: object, key: tuple[Any, ...], make: Any) -> Any:
+    """A value computed once per frozen result (results are immutable)."""
+    cache: dict[tuple[Any, ...], Any] = obj.__dict__.setdefault("_stats_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _with_testing(result: _Self, spec: SiteTest) -> _Self:
+    """A copy of ``result`` with other test settings (private runtime state carried over)."""
+    import dataclasses
+
+    new = dataclasses.replace(result, testing=spec)  # type: ignore[type-var]
+    for name in ("_bound", "_verification"):
+        if name in result.__dict__:
+            object.__setattr__(new, name, result.__dict__[name])
+    return new
 
 
 def fraction_explained(direction: Direction, shift: ShiftResult, patched: Tensor) -> Tensor:
@@ -72,10 +119,50 @@ class PatchResult:
     shift: ShiftResult
     activation_delta: tuple[float, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
+    testing: SiteTest = field(default_factory=SiteTest)
 
     @property
     def patched(self) -> float:
         return float(self.per_prompt.double().mean())
+
+    @property
+    def p(self) -> float:
+        """p-value of "this joint splice changes the target's metric" (paired test over
+        prompts, :attr:`testing`); 1 when every spliced activation equals the target's."""
+
+        def make() -> float:
+            unchanged = (
+                torch.tensor([all(d == 0.0 for d in self.activation_delta)])
+                if self.activation_delta
+                else None
+            )
+            return float(
+                site_p_values(
+                    self.per_prompt[None], self.direction, self.shift, self.testing, unchanged
+                )[0]
+            )
+
+        return float(_cached(self, ("p", self.testing), make))
+
+    @property
+    def q(self) -> float:
+        """The adjusted p-value: one test, so equal to :attr:`p`."""
+        return self.p
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        """Whether ``q < alpha``."""
+        return bool(self.q < alpha)
+
+    def tested(
+        self,
+        test: str = "signflip",
+        *,
+        correction: str = "bh",
+        n_resamples: int = 10_000,
+        seed: int = 0,
+    ) -> PatchResult:
+        """The same result with p/q from another test (``"signflip"`` or ``"bootstrap"``)."""
+        return _with_testing(self, SiteTest(test, correction, n_resamples, seed))
 
     @property
     def score(self) -> float:
@@ -116,6 +203,7 @@ class PatchResult:
             "activation_delta": list(self.activation_delta),
             "shift": self.shift._meta(),
             "provenance": self.provenance,
+            "testing": self.testing.to_json(),
         }
         save_result(path, "patch", meta, tensors)
 
@@ -131,6 +219,7 @@ class PatchResult:
                 shift=ShiftResult._from(meta["shift"], tensors, "shift."),
                 activation_delta=tuple(meta.get("activation_delta", ())),
                 provenance=meta.get("provenance", {}),
+                testing=SiteTest.from_json(meta.get("testing")),
             )
         except _MALFORMED as exc:
             raise ResultFormatError(
@@ -162,6 +251,7 @@ class SweepResult:
     tokens: tuple[str, ...] | None = None
     shared_tokens: tuple[str | None, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    testing: SiteTest = field(default_factory=SiteTest)
 
     def __post_init__(self) -> None:
         grid = tuple(len(self.coords[d]) for d in self.dims)
@@ -187,6 +277,47 @@ class SweepResult:
         # leaves every prompt's metric unchanged scores exactly 0.
         means = self.per_prompt.double().mean(-1)
         return fraction_explained(self.direction, self.shift, means).float()
+
+    @property
+    def p(self) -> Float[Tensor, "*grid"]:
+        """Per-site p-value (float64, the grid's shape) of "this splice changes the target's
+        metric": a paired test over prompts of ``patched - target`` (:attr:`testing`: sign-flip
+        permutation by default, see :mod:`mechdelta.stats.testing`); 1 where the spliced
+        activations equal the target's."""
+        unchanged = None if self.activation_delta is None else self.activation_delta == 0
+        return _cached(  # type: ignore[no-any-return]
+            self,
+            ("p", self.testing),
+            lambda: site_p_values(
+                self.per_prompt, self.direction, self.shift, self.testing, unchanged
+            ),
+        )
+
+    @property
+    def q(self) -> Float[Tensor, "*grid"]:
+        """:attr:`p` adjusted across the whole grid (Benjamini-Hochberg by default; Holm with
+        ``tested(correction="holm")``)."""
+        return _cached(  # type: ignore[no-any-return]
+            self, ("q", self.testing), lambda: adjust(self.p, self.testing.correction)
+        )
+
+    def significant(self, alpha: float = 0.05) -> Tensor:
+        """Boolean grid: ``q < alpha`` (NaN q: False)."""
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"significant(alpha={alpha!r}): alpha must lie in (0, 1)")
+        return torch.nan_to_num(self.q, nan=1.0) < alpha
+
+    def tested(
+        self: _Sweep,
+        test: str = "signflip",
+        *,
+        correction: str = "bh",
+        n_resamples: int = 10_000,
+        seed: int = 0,
+    ) -> _Sweep:
+        """The same result with p/q from another test (``"signflip"`` or ``"bootstrap"``) or
+        correction (``"bh"`` or ``"holm"``)."""
+        return _with_testing(self, SiteTest(test, correction, n_resamples, seed))
 
     @property
     def sites(self) -> list[Site]:
@@ -283,6 +414,7 @@ class SweepResult:
             "shared_tokens": None if self.shared_tokens is None else list(self.shared_tokens),
             "shift": self.shift._meta(),
             "provenance": self.provenance,
+            "testing": self.testing.to_json(),
         }
         return meta, tensors
 
@@ -303,6 +435,7 @@ class SweepResult:
                 None if meta.get("shared_tokens") is None else tuple(meta["shared_tokens"])
             ),
             "provenance": meta.get("provenance", {}),
+            "testing": SiteTest.from_json(meta.get("testing")),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -1,1 +1,2 @@
-"""Statistics over prompts: bootstrap intervals for shifts and scores."""
+"""Statistics over prompts: bootstrap intervals, per-site tests with multiple-comparison control,
+warranted claims and the reliability of site rankings."""
