@@ -73,3 +73,21 @@ def test_save_load_round_trip(tmp_path):
     assert back.reference_hash == wd.reference_hash
     assert back.provenance["models"]["reference"]["weights_hash"] == wd.reference_hash
     assert not list(tmp_path.glob("wd/*.pkl"))
+
+
+@pytest.mark.parametrize("proj", ["q", "o"])
+def test_gpt2_head_slices_follow_the_conv1d_layout(tokenizer, proj):
+    # GPT-2 keeps Conv1D weights ([in, out]): c_proj's rows are the heads' z dimensions, and
+    # c_attn's q columns the heads' query dimensions. The tiny model is square (d_model 64 = 4
+    # heads x 16), as GPT-2 itself is, so the shapes cannot tell rows from columns.
+    ref = _builders.hf_model("gpt2", len(tokenizer), seed=0)
+    itv = _builders.hf_model("gpt2", len(tokenizer), seed=0)
+    with torch.no_grad():
+        attn = itv.transformer.h[1].attn
+        if proj == "o":
+            attn.c_proj.weight[16:32].add_(0.1)  # head 1's rows of W_O
+        else:
+            attn.c_attn.weight[:, 16:32].add_(0.1)  # head 1's query columns
+    pair = ModelPair.from_hf(ref, itv, tokenizer=tokenizer)
+    changed = [(r.component, r.layer, r.head) for r in pair.weight_diff().changed()]
+    assert changed == [(f"head_{proj}", 1, 1)]

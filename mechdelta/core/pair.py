@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mechdelta.core._compat import check_compatible, tokenizer_hash
+from mechdelta.core._layout import head_axes
 from mechdelta.core._loading import (
     Processing,
     bridge_from_hf,
@@ -230,6 +231,7 @@ class ModelPair:
             self.reference_hash,
             self.intervened_hash,
             provenance={**environment(), "models": self.provenance_models()},
+            head_axes=head_axes(self.reference),
         )
 
     def provenance_models(self) -> dict[str, Any]:

@@ -153,8 +153,13 @@ def weight_diff(
     reference_hash: str,
     intervened_hash: str,
     provenance: dict[str, Any] | None = None,
+    head_axes: dict[tuple[int, str], int] | None = None,
 ) -> WeightDiff:
-    """Compute the per-component weight change from two TL-style state dicts."""
+    """Compute the per-component weight change from two TL-style state dicts.
+
+    ``head_axes[(layer, proj)]``: the axis of ``attn.{proj}.weight`` that indexes heads (see
+    :func:`mechdelta.core._layout.head_axes`; GPT-2's Conv1D-shaped W_O has heads on rows).
+    Default: q/k/v heads on rows (``[heads*d_head, d_model]``), o heads on columns."""
     d_head = int(cfg.d_head)
     n_heads = int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
@@ -185,11 +190,16 @@ def weight_diff(
                 row("attn_o_bias", layer).add(ref, oth)
                 continue
             count = n_heads if proj in ("q", "o") else n_kv
+            axis = (
+                0
+                if what == "bias"
+                else (head_axes or {}).get((layer, proj), 1 if proj == "o" else 0)
+            )
             for h in range(count):
                 sl = slice(h * d_head, (h + 1) * d_head)
-                if proj == "o":  # [d_model, n_heads*d_head]: head h owns columns
+                if axis == 1:  # e.g. Linear W_O [d_model, n_heads*d_head]: head h owns columns
                     r, o = ref[:, sl], oth[:, sl]
-                else:  # [heads*d_head, d_model] weight or [heads*d_head] bias: head h owns rows
+                else:  # [heads*d_head, ...] weight or [heads*d_head] bias: head h owns rows
                     r, o = ref[sl], oth[sl]
                 row(f"head_{proj}", layer, h).add(r, o)
         elif parts[0] == "mlp":
