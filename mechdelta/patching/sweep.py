@@ -130,6 +130,19 @@ def axis_tokens(prepared: PreparedTask) -> tuple[tuple[str, ...], tuple[str | No
     return tokens, tuple(prepared.position_tokens())
 
 
+def _semantics(value: object) -> str:
+    """A node-level sweep's semantics: "splice" or "graft" (ConfigError otherwise)."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text == "ablate":
+        raise ConfigError(
+            "semantics='ablate' is edge-level (every edge outside a circuit carries the target's "
+            "cached write): it comes with patch_edges; sweep takes 'splice' or 'graft'"
+        )
+    if text not in ("splice", "graft"):
+        raise ConfigError(f"unknown semantics {value!r}; use 'splice' or 'graft'")
+    return str(text)
+
+
 def sweep(
     pair: ModelPair,
     task: Task,
@@ -147,6 +160,7 @@ def sweep(
     seed: int = 0,
     progress: bool | None = None,
     prefix_reuse: bool = True,
+    semantics: str = "splice",
 ) -> SweepResult | BothDirections[SweepResult]:
     """Patch each site of a grid on its own and score how much of the shift it explains.
 
@@ -163,10 +177,34 @@ def sweep(
             terminal, plain lines on stderr otherwise; False: silent).
         prefix_reuse: start each patched pass at the patched layer from the cached residual
             (exact; checked on every run). Disable to time the plain batched path.
+        semantics: ``"splice"`` (default): each site takes the source run's activation.
+            ``"graft"``: each site is a whole component run with the source's *parameters*
+            (``head_out``: the head's Q/K/V/O slices; ``mlp_out``: the MLP and its norm; see
+            :func:`~mechdelta.patching.graft.graft`); no positions, one target forward per site.
 
     Returns a :class:`~mechdelta.patching.results.SweepResult`, or a
     :class:`~mechdelta.patching.results.BothDirections` of two for ``direction="both"``.
     """
+    if _semantics(semantics) == "graft":
+        from mechdelta.patching.graft import graft_sweep
+
+        return graft_sweep(
+            pair,
+            task,
+            component,
+            direction,
+            per_position=per_position,
+            heads=heads,
+            layers=layers,
+            positions=positions,
+            neurons=neurons,
+            batch_budget=batch_budget,
+            n_boot=n_boot,
+            alpha=alpha,
+            seed=seed,
+            progress=progress,
+            prefix_reuse=prefix_reuse,
+        )
     d = Direction.coerce(direction)
     engine = PatchEngine(
         pair, task, batch_budget=batch_budget, progress=progress, prefix_reuse=prefix_reuse
