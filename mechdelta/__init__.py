@@ -47,6 +47,8 @@ from mechdelta.errors import (
     TokenizerMismatchError,
     ZooError,
 )
+from mechdelta.patching.edges import patch_edges
+from mechdelta.patching.graft import graft, grafted
 from mechdelta.patching.patch import patch
 from mechdelta.patching.results import BothDirections, PatchResult, SiteScore, SweepResult
 from mechdelta.patching.shift import (
@@ -142,8 +144,11 @@ __all__ = [
     "attribute_edges",
     "claims",
     "factorial",
+    "graft",
+    "grafted",
     "measure_shift",
     "patch",
+    "patch_edges",
     "plotting",
     "regenerate_figures",
     "reliability",

@@ -187,8 +187,16 @@ class PatchResult:
 
     def __str__(self) -> str:
         names = ", ".join(str(s) for s in self.sites) or "(no sites)"
+        semantics = self.provenance.get("semantics")
+        what = "patch"
+        if self.provenance.get("edges") is not None:
+            edges = self.provenance["edges"]
+            what, names = f"edge patch ({semantics})", f"{len(edges)} edges"
+        elif semantics == "graft":
+            what = "graft"
+            names = ", ".join(self.provenance.get("components", [])) or names
         return (
-            f"patch {self.direction.value} of {names}: {self.shift.metric} "
+            f"{what} {self.direction.value} of {names}: {self.shift.metric} "
             f"{self.patched:.4g} (reference {self.shift.reference_mean:.4g}, intervened "
             f"{self.shift.intervened_mean:.4g}); score {self.score:+.3f} "
             f"[{self.ci[0]:+.3f}, {self.ci[1]:+.3f}]"
