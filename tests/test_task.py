@@ -179,3 +179,80 @@ def test_ragged_shift_equals_each_prompt_alone():
         )
         assert abs(whole.reference[i].item() - alone.reference[0].item()) < 1e-5
         assert abs(whole.intervened[i].item() - alone.intervened[0].item()) < 1e-5
+
+
+# --- subsets (split halves) ------------------------------------------------------------------------
+
+
+def test_subset_of_list_prompts_follows_answers_and_wrong_in_index_order():
+    task = Task(
+        [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]],
+        answers=[1, 2, 3, 4],
+        wrong=[21, 22, 23, 24],
+        name="demo",
+        prepend_bos=False,
+        align="right",
+    )
+    sub = task.subset([3, 0])
+    assert [list(p) for p in sub.prompts] == [[11, 12, 13, 14], [5, 6, 7]]
+    assert list(sub.answers) == [4, 1] and list(sub.wrong) == [24, 21]
+    assert sub.corrupted is None and sub.loss_mask is None
+    assert len(sub) == 2 and sub.name == "demo"
+    assert (sub.metric_spec.name, sub.prepend_bos, sub.align) == ("logit_diff", False, "right")
+    assert task.subset(range(1, 3), name="half").name == "half"
+    assert len(task) == 4 and list(task.answers) == [1, 2, 3, 4]  # the original is untouched
+    p = prepare(sub)
+    assert p.tokens.tolist() == [[11, 12, 13, 14], [5, 6, 7, 0]]
+    assert p.inputs.answers.tolist() == [4, 1] and p.inputs.wrong.tolist() == [24, 21]
+
+
+def test_subset_of_tensor_prompts_with_corrupted_inputs():
+    tokens = torch.arange(1, 25).reshape(6, 4)
+    corrupted = tokens.flip(-1)
+    task = Task(
+        tokens,
+        answers=torch.arange(30, 36),
+        wrong=torch.arange(40, 46),
+        corrupted=corrupted,
+    )
+    idx = [4, 1, 5]
+    sub = task.subset(idx)
+    assert isinstance(sub.prompts, torch.Tensor) and torch.equal(sub.prompts, tokens[idx])
+    assert torch.equal(sub.corrupted, corrupted[idx])
+    assert sub.answers.tolist() == [34, 31, 35] and sub.wrong.tolist() == [44, 41, 45]
+    full, part = prepare(task), prepare(sub)
+    assert torch.equal(part.tokens, full.tokens[idx])
+    assert torch.equal(part.corrupted, full.corrupted[idx])
+    assert torch.equal(part.inputs.answers, full.inputs.answers[idx])
+
+
+def test_subset_follows_the_loss_mask():
+    mask = torch.tensor(
+        [[False, True, True, False], [False, False, True, True], [False, True, False, True]]
+    )
+    task = Task([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]], metric="loss", loss_mask=mask)
+    sub = task.subset([2, 1])
+    assert torch.equal(sub.loss_mask, mask[[2, 1]])
+    p = prepare(sub)
+    assert p.inputs.targets.tolist() == [[14, 16], [11, 12]]
+
+
+def test_subset_of_string_prompts(tokenizer):
+    task = Task(
+        ["the cat sat", "a dog", "the mat"], answers=[" on", " the", " on"], wrong=[" the"] * 3
+    )
+    sub = task.subset([1])
+    assert list(sub.prompts) == ["a dog"] and list(sub.answers) == [" the"]
+    p = sub.prepare(tokenizer, n_ctx=32, d_vocab=len(tokenizer))
+    full = task.prepare(tokenizer, n_ctx=32, d_vocab=len(tokenizer))
+    assert p.batch_size == 1 and p.tokens[0].tolist() == full.tokens[1, : p.seq_len].tolist()
+    assert p.inputs.answers.tolist() == full.inputs.answers[1:2].tolist()
+
+
+def test_subset_rejects_bad_indices():
+    task = Task([[1, 2], [3, 4], [5, 6]], answers=[1, 2, 3], wrong=[4, 5, 6])
+    for bad in ([3], [0, 7], [-1]):
+        with pytest.raises(TaskError, match="out of range for 3 prompts"):
+            task.subset(bad)
+    with pytest.raises(TaskError, match="at least one prompt index"):
+        task.subset([])

@@ -118,6 +118,7 @@ class AttributionResult(SweepResult):
             grid_size=len(sites),
         )
         object.__setattr__(self, "_verification", result)
+        self.__dict__.pop("_stats_cache", None)  # p/q follow the new verification
         return result
 
     @property
@@ -136,14 +137,14 @@ class AttributionResult(SweepResult):
                 out[index[site]] = value
             return out.reshape(self.grid_shape)
 
-        return _cached(self, ("p", self.testing, id(ver)), make)  # type: ignore[no-any-return]
+        return _cached(self, ("p", self.testing), make)  # type: ignore[no-any-return]
 
     @property
     def q(self) -> Float[Tensor, "*grid"]:
         """:attr:`p` adjusted with the *whole grid* as the family: every unverified site counts as
         a test with p = 1 (it was not selected, so it is not rejected), so choosing which sites to
         verify from the estimates cannot shrink the correction. NaN at unverified sites."""
-        ver = self._verified("q")
+        self._verified("q")
 
         def make() -> Tensor:
             p = self.p
@@ -153,7 +154,7 @@ class AttributionResult(SweepResult):
             q = adjust(filled, self.testing.correction)
             return torch.where(torch.isnan(p), p, q)
 
-        return _cached(self, ("q", self.testing, id(ver)), make)  # type: ignore[no-any-return]
+        return _cached(self, ("q", self.testing), make)  # type: ignore[no-any-return]
 
     def _verified(self, what: str) -> Verification:
         ver = self.verification

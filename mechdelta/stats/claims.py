@@ -28,7 +28,7 @@ import torch
 from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Site
 from mechdelta.errors import ConfigError
-from mechdelta.stats.testing import SiteTest, format_p, p_values
+from mechdelta.stats.testing import Correction, SiteTest, TestKind, format_p, p_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -247,6 +247,36 @@ def _deltas(result: Any) -> torch.Tensor:
     return (per - target_metric(result.direction, result.shift).double()).mean(1)
 
 
+def _exact_rows(result: Any, sites: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores, intervals and deltas (flattened grid, NaN at unverified sites) of a verified
+    attribution's *exact* patches."""
+    from mechdelta.patching.results import target_metric
+    from mechdelta.stats.bootstrap import Bootstrap, score_ci
+
+    ver = result.verification
+    n = len(sites)
+    scores = torch.full((n,), float("nan"), dtype=torch.float64)
+    cis = torch.full((n, 2), float("nan"), dtype=torch.float64)
+    deltas = torch.full((n,), float("nan"), dtype=torch.float64)
+    if ver is None or not ver.sites:
+        return scores, cis, deltas
+    index = {s: i for i, s in enumerate(sites)}
+    at = torch.tensor([index[s] for s in ver.sites])
+    shift = result.shift
+    boot = Bootstrap(shift.n_boot, shift.alpha, int(result.provenance.get("seed", 0)))
+    exact = ver.exact.double()
+    scores[at] = ver.exact_scores.double()
+    cis[at] = score_ci(
+        shift.reference,
+        shift.intervened,
+        exact,
+        boot,
+        toward_reference=result.direction.toward_reference,
+    ).double()
+    deltas[at] = (exact - target_metric(result.direction, shift).double()).mean(1)
+    return scores, cis, deltas
+
+
 def _control_threshold(control: Any, result: Any, alpha: float) -> float:
     from mechdelta.patching.results import PatchResult
 
@@ -300,6 +330,7 @@ def claims(
         control: the same analysis on a control pair (same grid) whose per-site effects are the
             null distribution of seed variation.
     """
+    from mechdelta.attribution.results import AttributionResult
     from mechdelta.patching.results import PatchResult
 
     if not 0.0 < alpha < 1.0:
@@ -329,6 +360,10 @@ def claims(
         if not ok:
             continue
         deltas = _deltas(r)
+        if isinstance(r, AttributionResult):
+            # only the exactly patched sites carry p/q: their claims state the exact patches'
+            # effect, interval and delta, never the first-order estimate of the same site
+            scores, cis, deltas = _exact_rows(r, sites_list)
         for i, site in enumerate(sites_list):
             q, eff = float(qs[i]), float(scores[i])
             if math.isnan(q) or not q < alpha or math.isnan(eff) or abs(eff) < min_effect:
@@ -356,12 +391,15 @@ def claims(
     elif not items:
         reason = f"no site has q < {alpha:g} and |effect| >= {min_effect:.0%} of the shift"
     notes = []
-    exact = n_prompts <= 20 and 2**n_prompts <= spec.n_resamples
+    # sign-flip enumerates all patterns only for few prompts (then p >= 2 / 2**n: a pattern and
+    # its negation tie); the bootstrap and Monte Carlo sign flips never go below 1 / (1 + B)
+    exact = spec.test is TestKind.SIGNFLIP and n_prompts <= 20 and 2**n_prompts <= spec.n_resamples
     floor = 2.0 / 2**n_prompts if exact else 1.0 / (1 + spec.n_resamples)
     if n_tests * floor > alpha:
+        corr = "Benjamini-Hochberg" if spec.correction is Correction.BH else "Holm"
         notes.append(
             f"the smallest attainable p-value is {floor:.1e}; across "
-            f"{n_tests} tests Benjamini-Hochberg may not reach q < {alpha:g} for a single site: "
+            f"{n_tests} tests {corr} may not reach q < {alpha:g} for a single site: "
             "use more prompts or result.tested(n_resamples=...) for more resamples"
         )
     return Claims(

@@ -33,7 +33,8 @@ class Reliability:
     """Agreement of two results' site rankings (per direction where both have two).
 
     ``spearman``: rank correlation of the per-site scores (NaN sites dropped); ``top_k_overlap``:
-    ``|top_k(a) ∩ top_k(b)| / k`` by |score|. ``scores_a`` / ``scores_b`` keep the compared scores
+    ``|top_k(a) ∩ top_k(b)| / k`` by |score|, ``k`` capped at half the compared sites (so the
+    overlap can be below 1). ``scores_a`` / ``scores_b`` keep the compared scores
     (flattened, same site order) for the figure; ``sites`` their labels.
     """
 
@@ -133,7 +134,8 @@ def reliability(
     ok = ~(torch.isnan(a) | torch.isnan(b))
     names = tuple(s for s, keep in zip(sites_a, ok.tolist(), strict=True) if keep)
     a, b = a[ok], b[ok]
-    kk = min(k, len(a))
+    # at most half the compared sites: top-k of k >= n sites overlaps fully by construction
+    kk = min(k, max(1, len(a) // 2))
     top_a = set(torch.argsort(a.abs(), descending=True, stable=True)[:kk].tolist())
     top_b = set(torch.argsort(b.abs(), descending=True, stable=True)[:kk].tolist())
     return Reliability(

@@ -3,14 +3,17 @@
 The question each test answers: *does this splice change the target model's metric?* The data
 are the paired per-prompt differences ``d = patched - target`` (the target model's clean metric on
 the same prompt). Under the null hypothesis the splice has no effect, so ``d`` is symmetric about
-0 and the two tests below are valid:
+0; the sign-flip test below is valid at every number of prompts, the bootstrap approximately:
 
 * ``"signflip"`` (default): a sign-flip permutation test of ``|mean d|``. With at most
   ``log2(n_resamples)`` prompts every one of the ``2**n`` sign patterns is enumerated (exact
   p-value); otherwise ``n_resamples`` random patterns are drawn with ``seed`` and
   ``p = (1 + #{|T*| >= |T|}) / (1 + n_resamples)`` (valid, never below ``1 / (1 + n_resamples)``).
 * ``"bootstrap"``: a null-imposed bootstrap: resample prompts of ``d - mean d`` (the same seeded
-  resamples as the confidence intervals) and count ``|mean*| >= |mean d|`` the same way.
+  resamples as the confidence intervals) and count ``|mean*| >= |mean d|`` the same way. Its
+  null distribution has the plug-in variance and normal tails, so it is slightly
+  anti-conservative with few prompts (measured at a nominal 5%: about 6% false rejections with 40
+  prompts, 10% with 10); prefer the sign-flip test there.
 
 A site whose splice leaves every prompt's metric exactly unchanged (``d == 0``, e.g. identical
 activations in both models) gets ``p = 1``. ``q``: Benjamini-Hochberg adjusted p-values across the
