@@ -10,6 +10,7 @@ from mechdelta.attribution._edge_result import EdgeAttribution, EdgeScore
 from mechdelta.attribution.edges import attribute_edges
 from mechdelta.attribution.nodes import Method, attribute
 from mechdelta.attribution.results import AttributionResult, Verification
+from mechdelta.circuits import Circuit, CircuitNotFaithfulWarning, search_circuit
 from mechdelta.core._loading import Processing
 from mechdelta.core.directions import Direction
 from mechdelta.core.graph import Edge, Graph, Node
@@ -78,6 +79,8 @@ __all__ = [
     "AttributionResult",
     "Bootstrap",
     "BothDirections",
+    "Circuit",
+    "CircuitNotFaithfulWarning",
     "Claim",
     "Claims",
     "Component",
@@ -153,6 +156,7 @@ __all__ = [
     "regenerate_figures",
     "reliability",
     "run_experiment",
+    "search_circuit",
     "split_half",
     "sweep",
     "write_report",

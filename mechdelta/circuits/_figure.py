@@ -1,0 +1,122 @@
+"""The figure of a :class:`~mechdelta.circuits.Circuit` (plotly): layers left to right.
+
+Nodes sit at x = their layer (``embed`` left of layer 0, an MLP half a layer after its heads,
+``logits`` / ``unembed`` right of the last layer), heads stacked by index, the MLP above them.
+Edge level: one line per edge, from the sender to the receiver's input; a head receives on three
+ports (q below, k at, v above its centre) and each input has its own colour and dash; the line
+width is the edge's contribution (its drop-one loss, :attr:`~Circuit.minimality`). Node level:
+circuit members are drawn as large markers whose size is their contribution, the rest of the
+graph small and grey.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from mechdelta.core.graph import Node
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from mechdelta.circuits.circuit import Circuit
+
+_INPUT_STYLE = {
+    "q": ("#1f77b4", "solid", -0.22),
+    "k": ("#ff7f0e", "dash", 0.0),
+    "v": ("#2ca02c", "dot", 0.22),
+    None: ("#555555", "solid", 0.0),
+}
+
+
+def _xy(node: Node, n_heads: int, n_layers: int) -> tuple[float, float]:
+    if node.kind == "embed":
+        return -1.0, (n_heads - 1) / 2
+    if node.kind == "logits":
+        return float(n_layers), (n_heads - 1) / 2
+    assert node.layer is not None
+    if node.kind == "mlp":
+        return node.layer + 0.5, float(n_heads)
+    return float(node.layer), float(node.head or 0)
+
+
+def _label(node: Node, level: str) -> str:
+    return "unembed" if node.kind == "logits" and level == "node" else str(node)
+
+
+def circuit_figure(circuit: Circuit) -> go.Figure:
+    """Plotly figure of a circuit (see the module docstring)."""
+    import plotly.graph_objects as go
+
+    nodes = circuit.nodes
+    heads = [n.head for n in nodes if n.head is not None]
+    layers = [n.layer for n in nodes if n.layer is not None]
+    n_heads = max(heads, default=0) + 1
+    n_layers = max(layers, default=0) + 1
+    shape = circuit.provenance.get("shape")
+    if isinstance(shape, dict):
+        n_heads, n_layers = int(shape.get("n_heads", n_heads)), int(shape.get("n_layers", n_layers))
+    fig = go.Figure()
+    loss = {m: v for m, v in zip(circuit.members, circuit.minimality, strict=True)}
+    finite = [abs(v) for v in loss.values() if math.isfinite(v)]
+    top = max(finite, default=0.0) or 1.0
+
+    def scale(v: float, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * (abs(v) / top if math.isfinite(v) else 0.5)
+
+    if circuit.level == "edge":
+        shown: set[Any] = set()
+        for e in circuit.edges:
+            color, dash, dy = _INPUT_STYLE[e.input]
+            x0, y0 = _xy(e.sender, n_heads, n_layers)
+            x1, y1 = _xy(e.receiver, n_heads, n_layers)
+            fig.add_trace(
+                go.Scatter(
+                    x=[x0, x1],
+                    y=[y0, y1 + dy],
+                    mode="lines",
+                    line={"color": color, "dash": dash, "width": scale(loss[e], 1.0, 8.0)},
+                    name=f"into {e.input or 'MLP/logits'}",
+                    legendgroup=str(e.input),
+                    showlegend=e.input not in shown,
+                    hovertext=f"{e}: drop-one loss {loss[e]:+.3f}",
+                    hoverinfo="text",
+                )
+            )
+            shown.add(e.input)
+        members = list(nodes)
+        sizes = [14.0] * len(members)
+    else:
+        members = list(nodes)
+        sizes = [scale(loss[n], 10.0, 30.0) for n in members]
+    xy = [_xy(n, n_heads, n_layers) for n in members]
+    fig.add_trace(
+        go.Scatter(
+            x=[p[0] for p in xy],
+            y=[p[1] for p in xy],
+            mode="markers+text",
+            text=[_label(n, circuit.level) for n in members],
+            textposition="top center",
+            marker={"size": sizes, "color": "#d62728", "line": {"width": 1, "color": "black"}},
+            name="nodes",
+            hovertext=[
+                f"{_label(n, circuit.level)}"
+                + (f": drop-one loss {loss[n]:+.3f}" if n in loss else "")
+                for n in members
+            ],
+            hoverinfo="text",
+        )
+    )
+    ticks = [-1.0, *[float(i) for i in range(n_layers)], float(n_layers)]
+    labels = ["embed", *[f"layer {i}" for i in range(n_layers)], "logits"]
+    fig.update_layout(
+        title=(
+            f"{circuit.level}-level {circuit.semantics} circuit ({circuit.method}, "
+            f"{circuit.direction.value}): {len(circuit)} members, faithfulness "
+            f"{circuit.faithfulness:.3f}"
+        ),
+        xaxis={"tickvals": ticks, "ticktext": labels, "title": "layer"},
+        yaxis={"title": "head (MLP on top)", "zeroline": False},
+        template="plotly_white",
+    )
+    return fig

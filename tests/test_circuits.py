@@ -1,0 +1,236 @@
+"""search_circuit / Circuit (issue 17): node and edge circuits across two checkpoints, checked
+against independent graft / patch / patch_edges calls on pairs whose answer is known."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import mechdelta as md
+from mechdelta import ConfigError, Direction
+from mechdelta.circuits import Circuit, CircuitNotFaithfulWarning, search_circuit
+from mechdelta.core.graph import Edge, Graph, Node
+from tests import _builders
+from tests._reference import N_BOOT, contrast_task, random_tokens
+
+I2R, R2I = "intervened->reference", "reference->intervened"
+CHANGED = ((0, 1), (2, 3))  # the two heads the two-head pair differs in
+METHODS = ("greedy", "acdc", "attribution")
+
+
+def _score(semantics: str, pair, task, members, direction=I2R) -> float:
+    """An independent exact evaluation of a node circuit (graft / patch) or edge circuit."""
+    members = list(members)
+    if semantics == "graft":
+        return md.graft(pair, task, members, direction, n_boot=N_BOOT).score
+    if semantics == "splice" and not any(isinstance(m, Edge) or "->" in str(m) for m in members):
+        return md.patch(pair, task, [str(m) for m in members], direction, n_boot=N_BOOT).score
+    return md.patch_edges(pair, task, members, direction, semantics=semantics, n_boot=N_BOOT).score
+
+
+@pytest.fixture(scope="module")
+def two_head():
+    """A 3-layer native pair differing only in heads L0H1 and L2H3 (their Q/K/V/O slices)."""
+    ref = _builders.native_bridge(0)
+    itv = copy.deepcopy(ref)
+    d_head = int(ref.cfg.d_head)
+    with torch.no_grad():
+        sd, i = itv.state_dict(), 0
+        for layer, head in CHANGED:
+            rows = slice(head * d_head, (head + 1) * d_head)
+            for key in [f"blocks.{layer}.attn.{p}.{w}" for p in "qkv" for w in ("weight", "bias")]:
+                if key in sd:
+                    t = sd[key][rows]
+                    t += 2.0 * float(sd[key].std()) * torch.randn(t.shape, generator=_gen(i))
+                    i += 1
+            w_o = sd[f"blocks.{layer}.attn.o.weight"][:, rows]  # nn.Linear [out, in]
+            w_o += 2.0 * float(w_o.std()) * torch.randn(w_o.shape, generator=_gen(i))
+            i += 1
+    pair = md.ModelPair(ref, itv)
+    task = contrast_task(pair, random_tokens(8, 6, int(pair.cfg.d_vocab), seed=7))
+    return pair, task
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def induction():
+    return md.zoo.load("induction")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    entry = md.zoo.load("planted")
+    return entry.pair, entry.tasks["trigger"]
+
+
+# --- the two-head pair ---------------------------------------------------------------------------
+
+
+def test_the_two_head_pair_needs_both_heads(two_head):
+    pair, task = two_head
+    for semantics in ("graft", "splice"):
+        assert _score(semantics, pair, task, ["L0H1", "L2H3"]) == pytest.approx(1.0, abs=1e-5)
+        for head in ("L0H1", "L2H3"):  # each pushes the answer, neither suffices
+            assert 0.05 < _score(semantics, pair, task, [head]) < 0.95
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("semantics", ["graft", "splice"])
+def test_node_search_finds_exactly_the_two_changed_heads(two_head, semantics, method):
+    pair, task = two_head
+    c = search_circuit(pair, task, method=method, semantics=semantics, target=0.99)
+    assert c.names == ("L0H1", "L2H3")
+    assert c.reached and c.level == "node" and c.edges == ()
+    assert c.faithfulness == pytest.approx(_score(semantics, pair, task, c.nodes), abs=1e-6)
+    assert c.faithfulness_per_prompt == pytest.approx(1.0, abs=1e-5)
+    # minimality: f(C) - f(C - m), re-evaluated exactly
+    for node, loss in zip(c.nodes, c.minimality, strict=True):
+        rest = [n for n in c.nodes if n != node]
+        assert loss == pytest.approx(c.faithfulness - _score(semantics, pair, task, rest), abs=1e-5)
+    assert c.provenance["n_exact"] > 0 and c.provenance["timings"]["total_s"] > 0
+
+
+def test_node_search_the_other_way(two_head):
+    pair, task = two_head
+    c = search_circuit(pair, task, method="acdc", direction=R2I, semantics="graft", target=0.99)
+    assert c.names == ("L0H1", "L2H3") and c.direction is Direction.REFERENCE_TO_INTERVENED
+
+
+# --- the planted zoo pair ------------------------------------------------------------------------
+
+
+def test_planted_graft_circuit_is_the_planted_head_and_mlp(planted):
+    pair, task = planted
+    truth = ["L1H1", "L1.mlp_out"]
+    assert _score("graft", pair, task, truth) == pytest.approx(1.0, abs=1e-5)
+    for one in truth:  # neither alone reaches 0.9: both are needed
+        assert _score("graft", pair, task, [one]) < 0.9
+    for method in METHODS:
+        c = search_circuit(pair, task, method=method, semantics="graft", target=0.9)
+        assert set(c.names) == {"L1H1", "MLP1"}, method
+
+
+def test_planted_splice_circuit_is_the_mlp_alone(planted):
+    """Under splice the MLP's source write already carries L1H1's effect (it reads L1H1)."""
+    pair, task = planted
+    assert _score("splice", pair, task, ["L1.mlp_out"]) >= 0.9
+    c = search_circuit(pair, task, method="attribution", semantics="splice", target=0.9)
+    assert c.names == ("MLP1",)
+    assert c.provenance["ranking"].startswith("atp")
+
+
+# --- the induction pair, edge level ---------------------------------------------------------------
+
+
+def _k_edges(edges) -> list[Edge]:
+    return [
+        e for e in edges if str(e.sender) == "L0H3" and e.receiver.layer == 1 and e.input == "k"
+    ]
+
+
+def test_induction_splice_reference_to_intervened_needs_l0h3_k_composition(induction):
+    pair, task = induction.pair, induction.task
+    c = search_circuit(pair, task, level="edge", method="attribution", direction=R2I,
+                       semantics="splice", target=0.9)  # fmt: skip
+    assert c.reached and 0.9 <= c.faithfulness <= 1.1
+    assert c.faithfulness == pytest.approx(_score("splice", pair, task, c.edges, R2I), abs=1e-5)
+    k = _k_edges(c.edges)
+    assert k, c.names
+    without = [e for e in c.edges if e not in k]
+    assert _score("splice", pair, task, without, R2I) < 0.9
+    curve_sizes = [s for s, _ in c.curve]
+    assert curve_sizes == sorted(set(curve_sizes)) and curve_sizes[0] == 0
+
+
+def test_induction_splice_intervened_to_reference_reports_its_ceiling(induction):
+    pair, task = induction.pair, induction.task
+    with pytest.warns(CircuitNotFaithfulWarning, match="full graph"):
+        c = search_circuit(pair, task, level="edge", direction=I2R, semantics="splice",
+                           target=0.9, max_size=6)  # fmt: skip
+    assert not c.reached and len(c) <= 6
+    full = _score("splice", pair, task, Graph.from_model(pair).edges, I2R)
+    assert c.ceiling == pytest.approx(full, abs=1e-5)
+    assert full < 0.9  # T's final norm + unembedding run: the splice ceiling
+    assert all(math.isnan(x) for x in c.minimality)
+
+
+def test_induction_ablate_circuit_needs_l0h3_k_composition(induction):
+    task = induction.task
+    sub = md.Task(task.prompts[:8], metric="loss", loss_mask=task.loss_mask[:8], name="sub")
+    pair = induction.pair
+    c = search_circuit(pair, sub, level="edge", direction=I2R, semantics="ablate", target=0.9)
+    assert c.reached
+    assert c.faithfulness == pytest.approx(_score("ablate", pair, sub, c.edges), abs=1e-5)
+    k = _k_edges(c.edges)
+    assert len(k) >= 3, c.names
+    assert _score("ablate", pair, sub, [e for e in c.edges if e not in k]) < 0.5
+    assert min(c.minimality) >= -1e-6 or c.faithfulness > 1  # pruned: every member is needed
+
+
+# --- the Circuit object ----------------------------------------------------------------------------
+
+
+def test_circuit_round_trip_dataframe_figure_and_str(two_head, tmp_path):
+    pair, task = two_head
+    c = search_circuit(pair, task, method="greedy", semantics="graft", target=0.99)
+    c.save(tmp_path / "c")
+    back = Circuit.load(tmp_path / "c")
+    assert back.names == c.names and back.minimality == c.minimality
+    assert back.curve == c.curve and back.faithfulness == c.faithfulness
+    assert back.direction is c.direction and back.reached and back.provenance == c.provenance
+    assert torch.equal(back.shift.reference, c.shift.reference)
+    df = c.to_dataframe()
+    assert list(df["member"]) == ["L0H1", "L2H3"]
+    assert df["minimality"].tolist() == list(c.minimality)
+    assert len(c.figure().data) >= 1
+    assert "L0H1" in str(c) and "reaches target 0.99" in str(c)
+    assert 0 < c.curve_area <= 1.0
+    sizes = [s for s, _ in c.curve]
+    assert sizes == sorted(set(sizes))
+
+
+def test_edge_circuit_round_trip_and_figure(planted, tmp_path):
+    pair, task = planted
+    c = search_circuit(pair, task, level="edge", semantics="splice", target=0.8)
+    assert c.reached
+    c.save(tmp_path / "e")
+    back = Circuit.load(tmp_path / "e")
+    assert back.edges == c.edges and back.nodes == c.nodes
+    fig = back.figure()
+    assert len(fig.data) == len(c.edges) + 1
+    assert set(back.to_dataframe()["member"]) == {str(e) for e in c.edges}
+
+
+def test_unembed_is_a_graft_node(planted, tmp_path):
+    pair, task = planted
+    c = search_circuit(pair, task, method="greedy", semantics="graft", target=0.9)
+    assert Node("logits") not in c.nodes  # unchanged in the planted pair: never needed
+    assert c.provenance["n_members"] == len(Graph.from_model(pair).nodes)  # + unembed - logits
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target": 0.0}, "target"),
+        ({"target": 1.5}, "target"),
+        ({"level": "edge", "semantics": "graft"}, "'splice' or 'ablate'"),
+        ({"level": "node", "semantics": "ablate"}, "available at level='edge'"),
+        ({"method": "beam"}, "attribution, acdc, greedy"),
+        ({"level": "path"}, "node, edge"),
+        ({"direction": "both"}, "one direction"),
+        ({"max_size": 0}, "max_size"),
+    ],
+)
+def test_bad_searches_are_config_errors(two_head, kwargs, match):
+    pair, task = two_head
+    with pytest.raises(ConfigError, match=match):
+        search_circuit(pair, task, **kwargs)
