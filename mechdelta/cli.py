@@ -185,16 +185,27 @@ def report(
     run_dir: Annotated[
         Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `mechdelta run`.")
     ],
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            metavar="LEVEL",
+            help="Level of the report's claims: a site is claimed when its adjusted p-value "
+            "q < LEVEL (default: the run's [run] alpha, 0.05 unless set).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write the run's transition report (report.md and a self-contained report.html).
 
-    An interrupted run gets no report: the command exits 1 and names the `mechdelta run` command
-    that finishes it.
+    Each analysis section shows its warranted claims at --alpha and the split-half reliability
+    of its site ranking; the summary states only warranted claims. An interrupted run gets no
+    report: the command exits 1 and names the `mechdelta run` command that finishes it.
     """
     from mechdelta.report._build import write_report
 
     with _errors():
-        md, html = write_report(run_dir)
+        md, html = write_report(run_dir, alpha=alpha)
     typer.echo(f"Report: {os.fspath(html)}\nMarkdown: {os.fspath(md)}")
 
 

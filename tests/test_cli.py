@@ -35,7 +35,7 @@ def test_run_figures_report_end_to_end(tmp_path, monkeypatch):
     before = (out / "figures" / "sweep-head_out-both.json").read_text()
     res = runner.invoke(app, ["figures", str(out), "-q"])
     assert res.exit_code == 0, res.output
-    assert "Wrote 4 files for 2 figures" in res.stdout
+    assert "Wrote 6 files for 3 figures" in res.stdout  # with the sweep's reliability figure
     assert (out / "figures" / "sweep-head_out-both.json").read_text() == before
 
     res = runner.invoke(app, ["report", str(out)])
@@ -157,6 +157,13 @@ def test_not_significant_shift_warns_once_and_zero_scores_are_not_listed(tmp_pat
     text = md.read_text()
     assert "Largest scores" not in text and "| L0H" not in text
     assert "no site changed the metric (every site scored exactly 0)" in text
+    # no claims (the shift itself is not warranted), and no split halves of 6 prompts
+    assert "No warranted claims in sweep-head_out-r2i-" in text
+    assert "No warranted claims: the shift's interval contains 0" in text
+    assert (
+        "Reliability (split halves): not computed: the task has 6 prompts; split halves need at "
+        "least 8 (4 per half)." in text
+    )
 
 
 def test_demo_in_process_without_a_browser(tmp_path, monkeypatch):
@@ -202,3 +209,24 @@ def test_demo_subprocess(tmp_path):
     # --quiet: no progress, and no warning or error from mechdelta (with warnings as errors)
     assert not [ln for ln in proc.stderr.splitlines() if ln.startswith(("warning:", "error:"))]
     assert "it/s]" not in proc.stderr
+
+
+def test_report_alpha_sets_the_level_of_the_claims(tmp_path):
+    run_dir = copy_run(tmp_path)
+    criteria = "Criteria: q < {} (sign-flip permutation test over prompts"
+    res = runner.invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    default = (run_dir / "report.md").read_text()
+    assert criteria.format("0.05") in default and "Claims here are at alpha" not in default
+    res = runner.invoke(app, ["report", str(run_dir), "--alpha", "0.01"])
+    assert res.exit_code == 0, res.output
+    text = (run_dir / "report.md").read_text()
+    assert criteria.format("0.01") in text and criteria.format("0.05") not in text
+    assert "Warranted claims in sweep-head_out-both (q < 0.01," in text
+    assert "Claims here are at alpha = 0.01; the run's figure files (figures/) grey" in text
+    res = runner.invoke(app, ["report", str(run_dir), "--alpha", "1.5"])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr == "error: alpha=1.5 must lie in (0, 1), e.g. 0.05\n"
+    assert runner.invoke(app, ["report", str(run_dir), "--alpha", "x"]).exit_code == 2
+    help_text = runner.invoke(app, ["report", "--help"]).stdout
+    assert "--alpha LEVEL" in help_text and "q < LEVEL" in help_text

@@ -180,3 +180,33 @@ def test_examples_parse():
     for path in examples:
         exp = Experiment.load(path)
         assert exp.analyses and exp.name == exp.to_dict()["name"]
+
+
+def test_a_control_pair_is_specified_like_the_pair():
+    exp = _exp('[control]\nzoo = "null"\n')
+    assert exp.control is not None and exp.control.zoo == "null"
+    assert exp.control.label == "zoo:null"
+    d = exp.to_dict()
+    assert d["control"]["zoo"] == "null" and "where" not in d["control"]
+    assert exp.compute_dict()["control"] == d["control"]
+    assert Experiment.from_resolved(d) == exp  # as stored in a run's manifest
+    plain = _exp()
+    assert plain.control is None and plain.to_dict()["control"] is None
+    assert Experiment.from_resolved(plain.to_dict()) == plain
+    ckpt = _exp("[control]\nreference = 'a'\nintervened = 'b'\ndtype = 'float32'\n")
+    assert ckpt.control is not None and ckpt.control.label == "a vs b"
+
+
+@pytest.mark.parametrize(
+    "control, needle",
+    [
+        ("zoo = 'null'\nbuiltin = 'tiny'", "[control] needs exactly one source"),
+        ("reference = 'a'", "[control] reference and intervened must be given together"),
+        ("zoo = 'null'\nweights = 'x'", "[control]: unknown key 'weights'"),
+        ("zoo = 'null'\ndevice = 'cpu'", "[control] device applies to reference/intervened"),
+    ],
+)
+def test_control_validation_names_the_control_table(control, needle):
+    with pytest.raises(ConfigError) as err:
+        _exp(f"[control]\n{control}\n")
+    assert needle in str(err.value)

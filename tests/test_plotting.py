@@ -27,6 +27,7 @@ from mechdelta import (
     WeightDiffRow,
 )
 from mechdelta import plotting as P
+from mechdelta.stats.testing import format_p
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 R2I, I2R = Direction.REFERENCE_TO_INTERVENED, Direction.INTERVENED_TO_REFERENCE
@@ -172,6 +173,26 @@ def fixed_patterns() -> tuple[torch.Tensor, torch.Tensor]:
     return ref.float(), itv.float()
 
 
+def make_reliability() -> Any:
+    """Split-half style agreement of two fixed layer x head grids (no model)."""
+    from mechdelta import reliability
+
+    other = make_sweep(("layer", "head"), {"layer": (0, 1, 2), "head": (0, 1, 2, 3)}, seed=0.4)
+    return reliability(sweep_layer_head(), other, k=3, labels=("half A", "half B"))
+
+
+def make_reliability_both() -> Any:
+    from mechdelta import reliability
+
+    grid = {"layer": (0, 1, 2), "head": (0, 1, 2, 3)}
+    a = BothDirections(sweep_layer_head(R2I), sweep_layer_head(I2R))
+    b = BothDirections(
+        make_sweep(("layer", "head"), grid, seed=0.4),
+        make_sweep(("layer", "head"), grid, I2R, seed=2.3),
+    )
+    return reliability(a, b, k=3, labels=("half A", "half B"))
+
+
 FIGURES: dict[str, Any] = {
     "sweep_layer_head": lambda: P.sweep_figure(sweep_layer_head()),
     "sweep_layer_position": lambda: P.sweep_figure(sweep_layer_position()),
@@ -188,6 +209,8 @@ FIGURES: dict[str, Any] = {
     "patch": lambda: P.patch_figure(make_patch()),
     "factorial": lambda: P.factorial_figure(make_factorial()),
     "weight_diff": lambda: P.weight_diff_figure(make_weight_diff()),
+    "reliability": lambda: P.reliability_figure(make_reliability()),
+    "reliability_both": lambda: P.reliability_figure(make_reliability_both()),
     "attention": lambda: P.attention_figure_from_patterns(
         *fixed_patterns(), ["<bos>", "A", " B", " A", " B", " A"], 1, 2
     ),
@@ -283,7 +306,7 @@ def test_score_colours_are_symmetric_and_centred(name: str) -> None:
 
 def test_sweep_range_is_max_abs_score_and_hover_names_sites() -> None:
     result = sweep_layer_head()
-    fig = P.sweep_figure(result)
+    fig = P.sweep_figure(result, significance=False)
     (trace,) = fig.data
     assert trace.zmax == pytest.approx(float(result.scores.abs().max()))
     assert len(trace.z) == 3 and len(trace.z[0]) == 4  # layer rows x head columns
@@ -303,10 +326,11 @@ def test_sweep_range_is_max_abs_score_and_hover_names_sites() -> None:
 def test_both_directions_share_one_range() -> None:
     a, b = sweep_layer_head(R2I), sweep_layer_head(I2R)
     fig = P.both_directions_figure(BothDirections(a, b))
-    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    scores = [t for t in fig.data if t.name != "not significant"]  # the grey layers: own tests
+    assert [t.type for t in scores] == ["heatmap", "heatmap"]
     m = max(float(a.scores.abs().max()), float(b.scores.abs().max()))
-    assert all(t.zmax == pytest.approx(m) for t in fig.data)
-    assert [t.showscale for t in fig.data] == [True, False]
+    assert all(t.zmax == pytest.approx(m) for t in scores)
+    assert [t.showscale for t in fig.data] == [True, False, False, False]
     titles = [a.text.split("<br>")[0] for a in fig.layout.annotations]
     assert titles == ["reference → intervened", "intervened → reference"]
 
@@ -394,7 +418,7 @@ def test_cell_values_are_printed_only_when_they_fit(n_positions: int, text: bool
         {"layer": (0, 1), "position": tuple(range(n_positions))},
         component=Component.RESID_PRE,
     )
-    (trace,) = P.sweep_figure(result).data
+    (trace,) = P.sweep_figure(result, significance=False).data
     assert (trace.texttemplate is not None) is text
     assert "%{customdata[1]" in trace.hovertemplate  # the value is always in the hover
 
@@ -408,7 +432,7 @@ def test_long_position_titles_are_written_once_per_row() -> None:
 
 
 def test_by_position_head_sweep_has_one_panel_per_head() -> None:
-    fig = P.sweep_figure(sweep_layer_position_head())
+    fig = P.sweep_figure(sweep_layer_position_head(), significance=False)
     assert len(fig.data) == 3
     assert [a.text for a in fig.layout.annotations] == ["H0", "H2", "H3"]
     assert all(len(t.z) == 2 and len(t.z[0]) == 5 for t in fig.data)
@@ -421,7 +445,7 @@ def test_many_neurons_by_position_stack_rows_in_one_panel() -> None:
         {"layer": (0, 1), "position": (0, 1, 2), "neuron": tuple(range(20))},
         component=Component.MLP_NEURON,
     )
-    (trace,) = P.sweep_figure(result).data
+    (trace,) = P.sweep_figure(result, significance=False).data
     assert len(trace.y) == 40 and trace.y[21] == "L1 N1" and len(trace.x) == 3
     assert trace.customdata[21][2][0] == "L1N1P2"
     assert trace.z[21][2] == pytest.approx(float(result.scores[1, 2, 1]))
@@ -472,6 +496,157 @@ def test_shift_patch_factorial_content() -> None:
     lines = [t for t in fac.data if t.mode == "lines+markers"]
     assert [t.name for t in lines] == ["reference", "intervened"]
     assert "interaction" in fac.layout.title.text
+
+
+# --- significance overlay and split-half reliability -----------------------------------------
+
+
+def _overlay(fig: Any) -> list[Any]:
+    return [t for t in fig.data if t.name == "not significant"]
+
+
+def _grey(trace: Any) -> list[list[bool]]:
+    return [[v is not None for v in row] for row in trace.z]
+
+
+def test_sweep_heatmaps_grey_the_sites_that_are_not_significant() -> None:
+    result = sweep_layer_head()
+    fig = P.sweep_figure(result)
+    score, grey = fig.data
+    assert grey.name == "not significant" and grey.hoverinfo == "skip"
+    assert grey.showscale is False and grey.zmin is None  # not on the score's colour scale
+    assert 0 < grey.opacity < 1  # the score's colour shows through, faintly
+    expected = (~result.significant(0.05)).tolist()
+    assert _grey(grey) == expected and any(map(any, expected)) and not all(map(all, expected))
+    # hover: p and q of every site (the overlay layer itself has none)
+    assert score.hovertemplate.endswith("<br>%{customdata[6]}<extra></extra>")
+    p, q = result.p, result.q
+    for i, j in [(0, 0), (2, 3)]:
+        text = score.customdata[i][j][6]
+        assert text.startswith(f"{format_p(float(p[i, j]), 'p')}, {format_p(float(q[i, j]))}")
+        assert text.endswith("(not significant at 0.05)") is bool(expected[i][j])
+    title = fig.layout.title.text
+    assert "grey: not significant (q ≥ 0.05; sign-flip permutation test over prompts, " in title
+    assert "Benjamini-Hochberg-adjusted over 12 sites)" in title
+    # another alpha greys another set of cells; significance=False draws the scores alone
+    loose = P.sweep_figure(result, alpha=0.5)
+    assert _grey(_overlay(loose)[0]) == (~result.significant(0.5)).tolist() != expected
+    assert "q ≥ 0.5;" in loose.layout.title.text
+    plain = P.sweep_figure(result, significance=False)
+    assert len(plain.data) == 1 and "customdata[6]" not in plain.data[0].hovertemplate
+    assert "grey" not in plain.layout.title.text
+    assert P.sweep_figure(result).to_json() == fig.to_json()  # deterministic
+    # a grid where every site is significant has nothing to grey
+    assert _overlay(P.sweep_figure(result, alpha=0.999)) == []
+
+
+def test_layer_bars_fade_and_hatch_the_sites_that_are_not_significant() -> None:
+    result = sweep_layer()
+    loose = P.sweep_figure(result, alpha=0.1)
+    (bars,) = loose.data
+    faded = (~result.significant(0.1)).tolist()
+    assert faded == [True, False, True, False]
+    assert list(bars.marker.opacity) == [0.35 if f else 1.0 for f in faded]
+    assert list(bars.marker.pattern.shape) == ["/" if f else "" for f in faded]
+    assert P.sweep_figure(result, significance=False).data[0].marker.opacity is None
+
+
+def test_both_directions_grey_each_direction_on_its_own_grid() -> None:
+    a, b = sweep_layer_head(R2I), sweep_layer_head(I2R)
+    fig = P.both_directions_figure(BothDirections(a, b))
+    greys = _overlay(fig)
+    assert [_grey(g) for g in greys] == [
+        (~a.significant(0.05)).tolist(),
+        (~b.significant(0.05)).tolist(),
+    ]
+    assert [g.xaxis for g in greys] == ["x", "x2"]  # each over its own direction's panel
+    assert fig.layout.title.text.count("grey: not significant") == 1
+    plain = P.both_directions_figure(BothDirections(a, b), significance=False)
+    assert _overlay(plain) == []
+
+
+def test_significance_level_must_be_a_level() -> None:
+    from mechdelta.errors import ConfigError
+
+    for bad in (0.0, 1.0, 2.0, -0.5):
+        with pytest.raises(ConfigError, match="must lie in"):
+            P.sweep_figure(sweep_layer_head(), alpha=bad)
+
+
+def _attribution(verified: bool) -> Any:
+    import dataclasses
+
+    from mechdelta import AttributionResult
+    from mechdelta.attribution.results import Verification
+
+    sweep = sweep_layer_head()
+    fields = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep)}
+    result = AttributionResult(**fields, method="atp")
+    if verified:
+        sites = (Site("head_out", 0, head=1), Site("head_out", 2, head=2))
+        rows = [1, 10]  # their flat indices in the 3 x 4 grid
+        per = sweep.per_prompt.reshape(12, -1)[rows]
+        v = Verification(sites, R2I, "atp", per, per, ("top", "random"), sweep.shift, grid_size=12)
+        object.__setattr__(result, "_verification", v)  # as verify() or a stored run sets it
+    return result
+
+
+def test_attribution_estimates_get_no_overlay_and_say_why() -> None:
+    fig = P.sweep_figure(_attribution(verified=False))
+    assert _overlay(fig) == [] and len(fig.data) == 1
+    assert "no significance shading: attribution estimates carry no p-values" in (
+        fig.layout.title.text
+    )
+    assert fig.data[0].customdata[0][0][6].startswith("p, q: none (an estimate, not tested")
+
+
+def test_verified_attribution_greys_every_site_not_tested_significant() -> None:
+    result = _attribution(verified=True)
+    fig = P.sweep_figure(result, alpha=0.2)
+    grey = _grey(_overlay(fig)[0])
+    significant = result.significant(0.2).tolist()
+    assert [row for row in grey] == [[not s for s in row] for row in significant]
+    assert sum(not g for row in grey for g in row) <= 2  # at most the two verified sites
+    assert fig.data[0].customdata[0][0][6] == "p, q: not tested (not verified)"
+    assert fig.data[0].customdata[0][1][6].startswith("p = ")
+    assert "only the 2 verified sites were tested" in fig.layout.title.text
+
+
+def test_reliability_figure_plots_one_half_against_the_other() -> None:
+    rel = make_reliability()
+    fig = P.reliability_figure(rel)
+    points = [t for t in fig.data if t.mode == "markers"]
+    xs = sorted(x for t in points for x in t.x)
+    ys = sorted(y for t in points for y in t.y)
+    assert xs == pytest.approx(sorted(rel.scores_a.tolist()))
+    assert ys == pytest.approx(sorted(rel.scores_b.tolist()))
+    assert sorted(s for t in points for s in t.text) == sorted(rel.sites)
+    names = [t.name for t in points]
+    assert names[0] == "top-3 in both halves" and "other sites" in names
+    both = set(points[0].text)
+    top_a = {rel.sites[i] for i in rel.scores_a.abs().argsort(descending=True)[:3].tolist()}
+    top_b = {rel.sites[i] for i in rel.scores_b.abs().argsort(descending=True)[:3].tolist()}
+    assert both == top_a & top_b and len(both) == round(rel.top_k_overlap * 3)
+    (line,) = [t for t in fig.data if t.mode == "lines"]
+    assert line.x == line.y and line.x[0] <= xs[0] and line.x[1] >= xs[-1]  # identity
+    title = fig.layout.title.text
+    assert f"Spearman {rel.spearman:.2f} over 12 sites, top-3 overlap {rel.top_k_overlap:.0%}" in (
+        title
+    )
+    assert fig.layout.xaxis.title.text == "score, half A"
+    assert fig.layout.yaxis.title.text == "score, half B"
+    assert rel.figure().to_json() == fig.to_json() == P.reliability_figure(rel).to_json()
+    # both directions: one panel each, its statistics in its panel title
+    pair = make_reliability_both()
+    two = P.reliability_figure(pair)
+    titles = [a.text for a in two.layout.annotations]
+    assert titles[0].startswith("reference → intervened") and "Spearman" in titles[0]
+    assert titles[1].startswith("intervened → reference")
+    assert {t.xaxis for t in two.data} == {"x", "x2"}
+    from mechdelta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="takes a Reliability"):
+        P.reliability_figure({})  # type: ignore[arg-type]
 
 
 def test_attention_figure_from_a_model(native_pair_factory) -> None:
@@ -567,7 +742,7 @@ def test_static_fallback_renderer_adds_a_png_at_the_figures_size() -> None:
     bundle = renderer.to_mimebundle(fig.to_plotly_json())
     assert list(bundle) == ["image/png"]
     png = base64.b64decode(bundle["image/png"])
-    assert _png_size(png) == P.figure_size(fig) == (720, 340)
+    assert _png_size(png) == P.figure_size(fig) == (720, 402)  # 2 title lines: significance
     # registered by a notebook for itself: importing mechdelta changes no plotly setting
     assert "mechdelta_png" not in pio.renderers
     assert "mechdelta_png" not in (pio.renderers.default or "")

@@ -179,10 +179,73 @@ def test_missing_figure_files_are_not_linked(tmp_path):
     shutil.rmtree(run_dir / "figures")
     md = write_report(run_dir)[0].read_text()
     assert "(figures/" not in md
-    assert md.count(f"(figure not written: `mechdelta figures {run_dir}` writes it)") == len(IDS)
+    # one per analysis, plus the sweep's split-half reliability figure
+    assert (
+        md.count(f"(figure not written: `mechdelta figures {run_dir}` writes it)") == len(IDS) + 1
+    )
 
 
 def test_report_reads_nothing_but_the_run_directory(written):
     run_dir, md, _ = written
     cfg = json.loads((run_dir / "manifest.json").read_text())["config"]
     assert f'"name": "{cfg["name"]}"' in md  # the resolved config is in the report
+
+
+def test_each_site_analysis_shows_its_claims_and_reliability(written):
+    _, md, html = written
+    summary = md.split("\n## ")[0]
+    # the summary states warranted claims only (no ranking of unwarranted scores)
+    assert "Largest" not in summary
+    assert "Warranted claims in sweep-head_out-both (q < 0.05, |effect| >= 5% of the shift): " in (
+        summary
+    )
+    assert "restoring L1H1 from the reference undoes 100% [100, 100] of the shift" in summary
+    assert "Warranted claims in patch-L1H1+L0H2-both" in summary
+    sweep = md.split("## Where it is localised: head_out sweep")[1].split("\n## ")[0]
+    criteria = (
+        "Criteria: q < 0.05 (sign-flip permutation test over prompts, Benjamini-Hochberg-"
+        "adjusted; 16 tests) and |effect| >= 5% of the shift."
+    )
+    assert criteria in sweep
+    claims = sweep.split(criteria)[1]
+    rows = [ln for ln in claims.splitlines() if ln.startswith("| L")]
+    assert sorted(rows) == [
+        "| L1H1 | intervened → reference | +100% [+100%, +100%] | < 0.001 | 16 |",
+        "| L1H1 | reference → intervened | +100% [+100%, +100%] | < 0.001 | 16 |",
+    ]
+    assert "*2 warranted claims, by |effect|, largest first;" in claims
+    assert "beyond seed variation" not in md  # the run has no [control]
+    assert "Reliability (split halves): the analysis' site scores on two disjoint random" in sweep
+    assert "(8 each, seed 3)" in sweep and "Spearman 1.00 over 8 sites; top-2 overlap 100%" in sweep
+    assert "(figures/sweep-head_out-both.reliability.html)" in sweep
+    patch = md.split("## Joint patch: L1H1, L0H2")[1].split("\n## ")[0]
+    assert "| {L1H1, L0H2} | reference → intervened |" in patch
+    assert "Reliability: not applicable (a joint patch ranks no sites)." in patch
+    # the HTML embeds the reliability figure and the sweep's significance overlay
+    assert 'id="figure-sweep-head_out-both.reliability"' in html
+    assert "Split-half reliability of the site ranking" in html
+    assert "not significant" in html
+
+
+def test_alpha_must_be_a_level(tmp_path):
+    from mechdelta.errors import ConfigError
+
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"alpha=.* must lie in \(0, 1\)"):
+            write_report(base_run_dir(), alpha=bad)
+
+
+def test_a_run_stored_without_reliability_is_reported_as_such(tmp_path):
+    """A run written before split halves existed: the report says so, no figure is linked."""
+    run_dir = copy_run(tmp_path)
+    root = run_dir / "results" / "sweep-head_out-both"
+    shutil.rmtree(root / "reliability")
+    rec = json.loads((root / "analysis.json").read_text())
+    rec["files"] = {k: v for k, v in rec["files"].items() if not k.startswith("reliability/")}
+    del rec["reliability"]
+    (root / "analysis.json").write_text(json.dumps(rec))
+    (run_dir / "figures" / "sweep-head_out-both.reliability.html").unlink()
+    md = write_report(run_dir)[0].read_text()
+    assert "Reliability (split halves): not computed (not stored with this run)." in md
+    assert "sweep-head_out-both.reliability" not in md
+    assert "| L1H1 | reference → intervened |" in md  # the claims do not need it

@@ -394,3 +394,60 @@ def test_several_damaged_analyses_are_named_and_repaired_together(base_run, tmp_
     result = run_experiment(tiny_config(), out, quiet=True, repair=True)
     assert result.repaired == ("shift", "factorial") == result.computed
     assert_same_files(_fingerprint(out), _fingerprint(base_run[0]))
+
+
+def test_split_halves_are_part_of_the_sweep_and_resume_with_it(base_run, tmp_path, monkeypatch):
+    """The split-half reliability is stored inside the sweep's directory before its marker: a
+    run interrupted while computing it resumes by redoing the sweep, to identical files."""
+    sweep_id = "sweep-head_out-both"
+    stored = base_run[1]
+    rel = stored.reliability(sweep_id)
+    assert set(rel) == {"reference->intervened", "intervened->reference"}
+    for r in rel.values():  # the tiny pair: only L1H1 changed, in both halves
+        assert r.sites[int(r.scores_a.abs().argmax())] == "L1H1" and r.k == 2
+    assert stored.record(sweep_id)["reliability"]["prompts_per_half"] == 8
+    assert stored.reliability("patch-L1H1+L0H2-both") is None  # joint patches rank no sites
+    assert "reliability" not in stored.record("patch-L1H1+L0H2-both")
+    assert (base_run[0] / "figures" / f"{sweep_id}.reliability.html").is_file()
+
+    out = tmp_path / "interrupted"
+    real = runs._split_half
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_split_half", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(SMALL), out, quiet=True)
+    run = StoredRun.open(out)
+    assert run.is_complete("shift") and not run.is_complete(sweep_id)
+    monkeypatch.setattr(runs, "_split_half", real)
+    result = run_experiment(tiny_config(SMALL), out, quiet=True)
+    assert result.computed == (sweep_id, "patch-L1H1+L0H2-both")
+    files = _fingerprint(out, IDS[:3])
+    assert any("reliability" in k for k in files)
+    assert_same_files(files, _fingerprint(base_run[0], IDS[:3]))
+
+
+def test_a_damaged_reliability_is_refused_and_repaired(base_run, tmp_path):
+    out = _copy(base_run[0], tmp_path)
+    victim = out / "results" / "sweep-head_out-both" / "reliability" / "intervened_to_reference"
+    (victim / "tensors.safetensors").write_bytes(b"not tensors")
+    with pytest.raises(RunCorruptError, match="reliability"):
+        StoredRun.open(out).reliability("sweep-head_out-both")
+    result = run_experiment(tiny_config(), out, quiet=True, repair=True)
+    assert result.repaired == ("sweep-head_out-both",)
+    assert_same_files(_fingerprint(out), _fingerprint(base_run[0]))
+
+
+def test_a_task_too_small_for_split_halves_says_so(tmp_path):
+    exp = Experiment.from_toml(NOT_SIGNIFICANT_TOML)  # 6 prompts
+    with pytest.warns(ShiftNotSignificantWarning):
+        run_experiment(exp, tmp_path / "run", quiet=True)
+    stored = StoredRun.open(tmp_path / "run")
+    sweep_id = stored.ids[1]
+    assert stored.reliability(sweep_id) is None
+    assert stored.record(sweep_id)["reliability"] == {
+        "skipped": "the task has 6 prompts; split halves need at least 8 (4 per half)"
+    }
+    assert not (tmp_path / "run" / "figures" / f"{sweep_id}.reliability.json").exists()

@@ -31,6 +31,9 @@ from mechdelta.plotting._patch import (
     both_directions_figure,
     patch_figure,
 )
+from mechdelta.plotting._reliability import (
+    reliability_figure,
+)
 from mechdelta.plotting._style import (
     COLOURS,
     EPS,
@@ -61,6 +64,7 @@ __all__ = [
     "find_browser",
     "patch_figure",
     "position_labels",
+    "reliability_figure",
     "shift_figure",
     "sweep_figure",
     "to_html",

@@ -29,6 +29,7 @@ from mechdelta.plotting._style import (
 from mechdelta.plotting._sweep import (
     _hover,
     _panel_figure,
+    _significance,
     _sweep_panels,
 )
 
@@ -120,8 +121,14 @@ def patch_figure(result: PatchResult) -> go.Figure:
     return _finish(fig, title, 520, 760)
 
 
-def both_directions_figure(result: BothDirections[Any]) -> go.Figure:
-    """The two directions side by side on one symmetric colour range (sweeps) or y axis (patches)."""
+def both_directions_figure(
+    result: BothDirections[Any], *, alpha: float = 0.05, significance: bool = True
+) -> go.Figure:
+    """The two directions side by side on one symmetric colour range (sweeps) or y axis (patches).
+
+    Sweeps: ``significance`` greys the sites not significant at ``alpha`` in each direction (its
+    own grid's multiple-comparison family) and shows p and q on hover, as :func:`sweep_figure`.
+    """
     first, second = result.reference_to_intervened, result.intervened_to_reference
     if isinstance(first, PatchResult):
         fig = make_subplots(
@@ -144,13 +151,27 @@ def both_directions_figure(result: BothDirections[Any]) -> go.Figure:
         raise ResultFormatError(
             "both_directions_figure takes a BothDirections of sweeps or patches"
         )
+    sigs = [_significance(r, alpha, significance) for r in (first, second)]
     per_dir = []
-    for r in (first, second):  # the top panel of each direction says what its scores mean
-        top, *rest = _sweep_panels(r, _direction_label(r.direction))
+    for r, sig in zip((first, second), sigs, strict=True):
+        # the top panel of each direction says what its scores mean
+        top, *rest = _sweep_panels(r, _direction_label(r.direction), sig)
         per_dir.append([replace(top, title=top.title + _score_meaning_lines(r.direction)), *rest])
     grid = [list(pair) for pair in zip(*per_dir, strict=True)]  # one row per facet
     m = _sym_max(first.scores.double().numpy(), second.scores.double().numpy())
-    fig, h, w = _panel_figure(grid, m, _hover(first.shift.metric, _level(first.shift.alpha)))
+    tested = sigs[0] is not None
+    fig, h, w = _panel_figure(
+        grid, m, _hover(first.shift.metric, _level(first.shift.alpha), tested)
+    )
     fig.update_annotations(font_size=14)
-    title = _title(f"{first.component.value} patching, both directions", _shift_line(first.shift))
+    notes = list(dict.fromkeys(s.note for s in sigs if s is not None))
+    if len(notes) > 1:  # e.g. another number of verified sites per direction
+        notes = [
+            f"{_direction_label(r.direction)}: {s.note}"
+            for r, s in zip((first, second), sigs, strict=True)
+            if s is not None
+        ]
+    title = _title(
+        f"{first.component.value} patching, both directions", _shift_line(first.shift), *notes
+    )
     return _finish(fig, title, h, w)

@@ -96,7 +96,13 @@ def _export_width(width: int | float) -> int:
 def _finish(fig: go.Figure, title: dict[str, Any], height: int, width: int) -> go.Figure:
     # room for the title's lines and, above the panels, two-line subplot titles
     sub = max((a.text.count("<br>") + 1 for a in fig.layout.annotations), default=0)
-    top = 50 + 22 * title["text"].count("<br>") + 26 * sub
+    lines = title["text"].count("<br>")
+    top = 50 + 22 * lines + 26 * sub
+    if sub:
+        # plotly puts the title's first baseline at the middle of the top margin, so each
+        # subtitle line beyond what fits above the subplot titles (two over one-line subplot
+        # titles, one over taller ones) needs twice its height there
+        top += 40 * max(0, lines - (2 if sub == 1 else 1))
     fig.update_layout(
         template=TEMPLATE,
         title=title,

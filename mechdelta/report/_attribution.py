@@ -14,6 +14,7 @@ from mechdelta.report._build import (
     register_section,
     top_sites_table,
 )
+from mechdelta.report._claims import claims_blocks
 
 _METHOD_TEXT = {
     "atp": "AtP, first order: the target's metric plus (source activation − target activation) · "
@@ -120,6 +121,7 @@ def _attribute_section(ctx: ReportContext, analysis_id: str, result: Any) -> Sec
         )
     blocks.append(Figure(analysis_id))
     blocks += _verification_blocks(ctx, analysis_id, parts)
+    blocks += claims_blocks(ctx, analysis_id, result)
     return Section(
         f"Attribution estimate: {first.component.value} ({first.method})",
         tuple(blocks),
@@ -202,4 +204,10 @@ def _edges_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
     else:
         blocks.append(Text("No edge's score differs from 0."))
     blocks += [Figure(name) for name in figure_names(analysis_id, result)]
+    blocks.append(
+        Text(
+            "Warranted claims: none. Edge scores are estimates without per-edge tests; claim "
+            "an edge's sender by an exact patch or a sweep of its component."
+        )
+    )
     return Section(f"Edge attribution ({first.method})", tuple(blocks), analysis_id)

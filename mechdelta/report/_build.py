@@ -16,6 +16,12 @@ Attribution analyses (``attribute``, ``attribute_edges``) say in their sections 
 are gradient-based estimates, and show an attribution's check against exact patching (summary
 line, verified sites, estimated-vs-exact scatter) when it was run with ``verify = k``.
 
+Every site analysis (sweep, attribution, joint patch) shows its warranted claims
+(:func:`mechdelta.claims` at the report's ``alpha``: per-site tests over prompts, adjusted across
+the grid; with the run's ``[control]`` pair, whether each effect exceeds seed variation) and the
+split-half reliability of its site ranking (line and figure) the run stored; the summary at the
+top states only these warranted claims.
+
 Each analysis kind contributes a section through a registry: a new kind registers a function
 ``(context, analysis_id, result) -> Section`` with :func:`register_section`.
 """
@@ -32,6 +38,7 @@ from typing import Any
 
 from mechdelta.core._io import atomic_write_text
 from mechdelta.core.directions import Direction
+from mechdelta.errors import ConfigError
 from mechdelta.report._blocks import (
     Block,
     Code,
@@ -43,7 +50,7 @@ from mechdelta.report._blocks import (
     render_md,
 )
 from mechdelta.runs._lock import run_lock
-from mechdelta.runs.rundir import StoredRun, result_figures
+from mechdelta.runs.rundir import AnalysisExtras, StoredRun, result_figures
 
 __all__ = [
     "Figure",
@@ -59,15 +66,42 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ReportContext:
-    """What a section may read: the stored run and the report's settings."""
+    """What a section may read: the stored run and the report's settings (``alpha``: the level
+    of the claims; :meth:`extra`: what the run stored besides an analysis' result)."""
 
     run: StoredRun
     top_k: int = 10
     results: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 0.05
+    extras: dict[str, AnalysisExtras] = field(default_factory=dict)
+    claims: dict[str, Any] = field(default_factory=dict)  # analysis id -> Claims (computed once)
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def level(self) -> int:
         return round(100 * (1 - float(self.run.manifest["seeds"].get("alpha", 0.05))))
+
+    @property
+    def run_alpha(self) -> float:
+        """The run's ``[run] alpha``: its intervals' level, and its stored figures' shading."""
+        return float(self.run.manifest["seeds"].get("alpha", 0.05))
+
+    def extra(self, analysis_id: str) -> AnalysisExtras:
+        """The analysis' split-half reliability, control result and their record (empty for an
+        id the run does not hold)."""
+        if analysis_id not in self.extras:
+            run = self.run
+            if analysis_id in run.ids and run.is_complete(analysis_id):
+                rec = run.record(analysis_id, verify=False)
+                self.extras[analysis_id] = AnalysisExtras(
+                    reliability=run.reliability(analysis_id, verify=False),
+                    control=run.control(analysis_id, verify=False),
+                    info={k: rec[k] for k in ("reliability", "control") if k in rec},
+                    notes=tuple(rec.get("notes", ())),
+                )
+            else:
+                self.extras[analysis_id] = AnalysisExtras()
+        return self.extras[analysis_id]
 
 
 SectionFn = Callable[[ReportContext, str, Any], Section]
@@ -241,7 +275,12 @@ def _sweep_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
         found = Text(NO_SITE_CHANGED[0].upper() + NO_SITE_CHANGED[1:] + ".")
     return Section(
         f"Where it is localised: {first.component.value} sweep",
-        (Text(" ".join(text)), found, Figure(analysis_id)),
+        (
+            Text(" ".join(text)),
+            found,
+            Figure(analysis_id),
+            *claims_blocks(ctx, analysis_id, result),
+        ),
         analysis_id,
     )
 
@@ -271,7 +310,11 @@ def _patch_section(ctx: ReportContext, analysis_id: str, result: Any) -> Section
         f"The sites {sites} patched jointly. A score near 1 means these sites together account "
         "for the whole shift in that direction; near 0, for none of it."
     )
-    return Section(f"Joint patch: {sites}", (text, table, Figure(analysis_id)), analysis_id)
+    return Section(
+        f"Joint patch: {sites}",
+        (text, table, Figure(analysis_id), *claims_blocks(ctx, analysis_id, result)),
+        analysis_id,
+    )
 
 
 @register_section("weight_diff")
@@ -306,6 +349,17 @@ def _factorial_section(ctx: ReportContext, analysis_id: str, result: Any) -> Sec
     return Section("Model × input (factorial)", (text, table, Figure(analysis_id)), analysis_id)
 
 
+def _control_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """Provenance rows of the control pair (none without one)."""
+    control = manifest.get("control_models")
+    if not control:
+        return []
+    return [
+        (f"control {role}", f"{control[role]['name']} (weights {control[role]['weights_hash']})")
+        for role in ("reference", "intervened")
+    ]
+
+
 def _provenance_section(ctx: ReportContext) -> Section:
     m = ctx.run.manifest
     env = m.get("environment", {})
@@ -321,6 +375,7 @@ def _provenance_section(ctx: ReportContext) -> Section:
         ("run started", str(env.get("created"))),
         ("reference", f"{models['reference']['name']} (weights {models['reference']['weights_hash']})"),
         ("intervened", f"{models['intervened']['name']} (weights {models['intervened']['weights_hash']})"),
+        *_control_rows(m),
         ("tokenizer hash", str(models.get("tokenizer_hash"))),
         ("processing / dtype", f"{models.get('processing')} / {models.get('dtype')}"),
         ("task", f"{task['name']}: {task['metric']}, {task['n_prompts']} prompts of up to {task['seq_len']} tokens"),
@@ -344,7 +399,10 @@ def _provenance_section(ctx: ReportContext) -> Section:
         ),
     ]
     warned = [
-        (i, w) for i in ctx.run.ids for w in ctx.run.record(i, verify=False).get("warnings", [])
+        (i, w)
+        for i in ctx.run.ids
+        for rec in [ctx.run.record(i, verify=False)]
+        for w in [*rec.get("warnings", []), *rec.get("notes", [])]
     ]
     if warned:
         blocks.append(Table(("analysis", "warning"), tuple(warned), "warnings raised"))
@@ -359,8 +417,7 @@ def _provenance_section(ctx: ReportContext) -> Section:
 
 
 def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
-    from mechdelta.attribution.results import AttributionResult
-    from mechdelta.patching.results import BothDirections, SweepResult
+    from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
 
     m = ctx.run.manifest
     exp = m["config"]
@@ -380,49 +437,50 @@ def _summary(ctx: ReportContext, results: dict[str, Any]) -> list[Block]:
     if shift is not None:
         blocks.append(Text(_shift_sentence(shift, ctx.level)))
     for analysis_id, r in results.items():
-        sweeps = list(r) if isinstance(r, BothDirections) else [r]
-        if not all(isinstance(s, SweepResult) for s in sweeps):
-            continue
-        estimate = isinstance(sweeps[0], AttributionResult)
-        best = top_sites_table(r, 3, estimated=estimate)
-        if best.rows:
-            cols = 2 if len(sweeps) == 1 else 3  # single direction: drop the patched metric
-            tops = "; ".join(f"{row[0]} ({', '.join(row[1:cols])})" for row in best.rows)
-            what = (
-                f"estimated scores ({sweeps[0].method}, not exact patches)"
-                if estimate
-                else "scores"
+        parts = list(r) if isinstance(r, BothDirections) else [r]
+        if all(isinstance(s, SweepResult | PatchResult) for s in parts):
+            blocks += summary_blocks(ctx, analysis_id, r)
+            exact = all(type(s) is SweepResult for s in parts)  # not estimates, not a patch
+            if exact and not top_sites_table(r, 1).rows:  # an exact fact, not a tested claim
+                blocks.append(Text(f"In {analysis_id}, {NO_SITE_CHANGED}."))
+    if ctx.alpha != ctx.run_alpha:
+        blocks.append(
+            Text(
+                f"Claims here are at alpha = {ctx.alpha:g}; the run's figure files (figures/) "
+                f"grey the sites not significant at its own alpha = {ctx.run_alpha:g} (the "
+                "figures embedded in report.html use this report's alpha)."
             )
-            blocks.append(
-                Text(
-                    f"Largest {what} in {analysis_id}, by |score|: {tops} (fraction of the shift "
-                    "explained [CI]; sites scoring 0 left out)."
-                )
-            )
-        elif estimate:
-            blocks.append(Text(f"In {analysis_id}, every estimated score is exactly 0."))
-        else:
-            blocks.append(Text(f"In {analysis_id}, {NO_SITE_CHANGED}."))
+        )
     return blocks
 
 
-def write_report(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+def write_report(
+    run_dir: str | os.PathLike[str], *, alpha: float | None = None
+) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into a finished run directory; returns both paths.
 
-    Raises :class:`~mechdelta.errors.RunIncompleteError` for a partial or interrupted run (the
+    ``alpha``: the level of the report's claims (a site is claimed when its adjusted p-value
+    ``q < alpha``; :func:`mechdelta.claims`); default the run's ``[run] alpha`` (0.05 unless
+    set). Raises :class:`~mechdelta.errors.ConfigError` for an alpha outside (0, 1),
+    :class:`~mechdelta.errors.RunIncompleteError` for a partial or interrupted run (the
     message names the ``mechdelta run`` command that finishes it; no report is written),
     :class:`~mechdelta.errors.RunCorruptError` for damaged results and
     :class:`~mechdelta.errors.RunLockedError` while another process writes the directory.
     """
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 < alpha < 1.0
+    ):
+        raise ConfigError(f"alpha={alpha!r} must lie in (0, 1), e.g. 0.05")
     with run_lock(run_dir, "mechdelta report"):
-        return _write_report(StoredRun.open(run_dir))
+        return _write_report(StoredRun.open(run_dir), alpha)
 
 
-def _write_report(run: StoredRun) -> tuple[Path, Path]:
+def _write_report(run: StoredRun, alpha: float | None = None) -> tuple[Path, Path]:
     run.require_finished()
     exp = run.experiment
     results = {i: run.load(i) for i in run.ids}
-    ctx = ReportContext(run, exp.output.top_k, results)
+    level = float(exp.run.alpha) if alpha is None else float(alpha)
+    ctx = ReportContext(run, exp.output.top_k, results, alpha=level)
     sections: list[Section] = []
     for spec in exp.analyses:
         fn = _SECTIONS.get(spec.kind)
@@ -438,7 +496,13 @@ def _write_report(run: StoredRun) -> tuple[Path, Path]:
     sections.append(_provenance_section(ctx))
     title = f"Transition report: {exp.name}"
     intro = _summary(ctx, results)
-    figures = {n: f for i, r in results.items() for n, f in result_figures(i, r).items()}
+    figures = {
+        n: f
+        for i, r in results.items()
+        for n, f in result_figures(
+            i, r, reliability=ctx.extra(i).reliability, alpha=ctx.alpha
+        ).items()
+    }
     md_path, html_path = run.path / "report.md", run.path / "report.html"
     atomic_write_text(md_path, render_md(run, title, intro, sections))
     atomic_write_text(html_path, render_html(run, title, intro, sections, figures))
@@ -447,3 +511,4 @@ def _write_report(run: StoredRun) -> tuple[Path, Path]:
 
 # sections of other modules register themselves on import
 from mechdelta.report import _attribution  # noqa: E402, F401
+from mechdelta.report._claims import claims_blocks, summary_blocks  # noqa: E402

@@ -25,7 +25,7 @@ from mechdelta.runs.rundir import (
 
 __all__ = ["check_identity", "damaged_analyses", "prepare_dir"]
 
-_COMPUTE_KEYS = ("pair", "task", "run", "analyses")
+_COMPUTE_KEYS = ("pair", "task", "run", "analyses", "control")
 _RUN_NAMES = {MANIFEST, RESULTS, FIGURES, "report.md", "report.html"}
 
 
@@ -113,15 +113,30 @@ def damaged_analyses(run: StoredRun) -> dict[str, RunCorruptError]:
 
 
 def check_identity(
-    out: Path, stored: dict[str, Any], models: dict[str, Any], task: dict[str, Any]
+    out: Path,
+    stored: dict[str, Any],
+    models: dict[str, Any],
+    task: dict[str, Any],
+    control: dict[str, Any] | None = None,
 ) -> None:
-    """RunError unless the models and prompts are the ones the stored run was made with."""
+    """RunError unless the models and prompts (and the control pair's models) are the ones the
+    stored run was made with."""
     checks = [
         ("reference weights", stored["models"]["reference"]["weights_hash"], models["reference"]["weights_hash"]),
         ("intervened weights", stored["models"]["intervened"]["weights_hash"], models["intervened"]["weights_hash"]),
         ("tokenizer", stored["models"].get("tokenizer_hash"), models.get("tokenizer_hash")),
         ("prompt set", stored["task"].get("prompt_hash"), task.get("prompt_hash")),
     ]  # fmt: skip
+    if control is not None or stored.get("control_models") is not None:
+        before, now = stored.get("control_models") or {}, control or {}
+        for role in ("reference", "intervened"):
+            checks.append(
+                (
+                    f"control {role} weights",
+                    (before.get(role) or {}).get("weights_hash"),
+                    (now.get(role) or {}).get("weights_hash"),
+                )
+            )
     for what, before, now in checks:
         if before != now:
             raise RunError(

@@ -14,6 +14,12 @@ into a run directory. Every unknown key is an error naming the key and the keys 
                                  # or: reference = "path/or/hub-id", intervened = "...",
                                  #     processing = "raw", dtype = "float32", device = "cpu"
 
+    [control]                    # optional: a control pair, specified as [pair] is (e.g. the
+    zoo = "null"                 # zoo's null pair, or the intervention re-run with another
+                                 # seed); every sweep is run on it too, on the same task, and
+                                 # the report's claims say whether an effect exceeds seed
+                                 # variation (mechdelta.claims(..., control=...))
+
     [task]                       # optional for zoo/builtin pairs (they bring their own task)
     prompts = ["When Mary and John went to the store, John gave a drink to"]
     answers = [" Mary"]
@@ -111,6 +117,8 @@ class PairSpec:
     dtype: str | None = None
     device: str | None = None
     allow_identical: bool = False
+    #: the table this spec was read from, for messages: "[pair]" or "[control]" (not stored)
+    where: str = field(default="[pair]", compare=False, repr=False)
 
     KEYS = (
         "zoo",
@@ -130,29 +138,32 @@ class PairSpec:
         )
         if len(sources) != 1:
             raise ConfigError(
-                "[pair] needs exactly one source: zoo = NAME, builtin = 'tiny', or reference = "
+                f"{self.where} needs exactly one source: zoo = NAME, builtin = 'tiny', or "
+                "reference = "
                 f"... with intervened = ...; got {sources or 'none'}"
             )
         if (self.reference is None) != (self.intervened is None):
-            raise ConfigError("[pair] reference and intervened must be given together")
+            raise ConfigError(f"{self.where} reference and intervened must be given together")
         if self.zoo_path is not None and self.zoo is None:
             raise ConfigError(
-                "[pair] zoo_path (an entry built by `mechdelta zoo build`) needs zoo = NAME"
+                f"{self.where} zoo_path (an entry built by `mechdelta zoo build`) needs zoo = NAME"
             )
         if self.builtin is not None and self.builtin not in BUILTIN_PAIRS:
             raise ConfigError(
-                f"[pair] builtin = {self.builtin!r} is unknown; built-in pairs: {BUILTIN_PAIRS}"
+                f"{self.where} builtin = {self.builtin!r} is unknown; built-in pairs: "
+                f"{BUILTIN_PAIRS}"
             )
         if self.source != "checkpoints":
             extra = [k for k in ("processing", "dtype", "device") if getattr(self, k) is not None]
             if extra:
                 raise ConfigError(
-                    f"[pair] {extra[0]} applies to reference/intervened checkpoints, not to a "
+                    f"{self.where} {extra[0]} applies to reference/intervened checkpoints, not "
+                    "to a "
                     f"{self.source} pair (which is built as its card says)"
                 )
         if self.processing is not None and self.processing not in ("raw", "compat"):
             raise ConfigError(
-                f"[pair] processing must be 'raw' or 'compat', got {self.processing!r}"
+                f"{self.where} processing must be 'raw' or 'compat', got {self.processing!r}"
             )
 
     @property
@@ -164,21 +175,30 @@ class PairSpec:
         return "checkpoints"
 
     @classmethod
-    def from_dict(cls, table: Mapping[str, Any]) -> PairSpec:
-        check_keys(table, cls.KEYS, "[pair]")
-        kw: dict[str, Any] = {}
+    def from_dict(cls, table: Mapping[str, Any], where: str = "[pair]") -> PairSpec:
+        check_keys(table, cls.KEYS, where)
+        kw: dict[str, Any] = {"where": where}
         for key in cls.KEYS:
             if key in table:
                 value = table[key]
                 kw[key] = (
-                    check_bool(value, f"[pair] {key}")
+                    check_bool(value, f"{where} {key}")
                     if key == "allow_identical"
-                    else check_str(value, f"[pair] {key}")
+                    else check_str(value, f"{where} {key}")
                 )
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "where"}
+
+    @property
+    def label(self) -> str:
+        """A short name of the pair: ``zoo:null``, ``builtin:tiny`` or ``REF vs INT``."""
+        if self.zoo is not None:
+            return f"zoo:{self.zoo}" + (f" ({self.zoo_path})" if self.zoo_path else "")
+        if self.builtin is not None:
+            return f"builtin:{self.builtin}"
+        return f"{self.reference} vs {self.intervened}"
 
 
 @dataclass(frozen=True)
@@ -335,8 +355,9 @@ class Experiment:
     output: OutputSpec = field(default_factory=OutputSpec)
     name: str = "experiment"
     description: str = ""
+    control: PairSpec | None = None
 
-    KEYS = ("name", "description", "pair", "task", "analyses", "run", "output")
+    KEYS = ("name", "description", "pair", "task", "analyses", "run", "output", "control")
 
     def __post_init__(self) -> None:
         if not self.analyses:
@@ -391,6 +412,9 @@ class Experiment:
             output=OutputSpec.from_dict(check_table(data.get("output", {}), "[output]")),
             name=check_str(data.get("name", "experiment"), "name"),
             description=str(data.get("description", "")),
+            control=None
+            if data.get("control") is None
+            else PairSpec.from_dict(check_table(data["control"], "[control]"), "[control]"),
         )
 
     @classmethod
@@ -444,18 +468,25 @@ class Experiment:
             "run": self.run.to_dict(),
             "output": self.output.to_dict(),
             "analyses": [a.to_dict() for a in self.analyses],
+            "control": None if self.control is None else self.control.to_dict(),
         }
 
     def compute_dict(self) -> dict[str, Any]:
         """The part of the configuration results depend on (not names, texts or outputs)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("pair", "task", "run", "analyses")}
+        return {k: d[k] for k in ("pair", "task", "run", "analyses", "control")}
 
     @classmethod
     def from_resolved(cls, data: Mapping[str, Any]) -> Experiment:
         """Rebuild from :meth:`to_dict` output (as stored in a run manifest)."""
         d = dict(data)
         d["pair"] = {k: v for k, v in d["pair"].items() if v is not None and v is not False}
+        if d.get("control") is not None:
+            d["control"] = {
+                k: v for k, v in d["control"].items() if v is not None and v is not False
+            }
+        else:
+            d.pop("control", None)
         if d.get("task") is not None:
             d["task"] = {k: v for k, v in d["task"].items() if v is not None}
         else:

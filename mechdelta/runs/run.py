@@ -10,6 +10,13 @@ fail their checksums are refused (:class:`~mechdelta.errors.RunCorruptError`) un
 ``repair=True``, which recomputes just those. :func:`regenerate_figures` rebuilds every figure from
 the stored results alone (no model loaded).
 
+Sweeps are also run on two disjoint random halves of the task's prompts (tasks of
+:data:`SPLIT_HALF_MIN_PROMPTS` prompts or more; about one more run of the sweep), and the
+agreement of their site rankings (:func:`~mechdelta.split_half`) is stored with the analysis;
+with a ``[control]`` pair, every sweep is run on it too (same task) and stored with the analysis,
+for :func:`~mechdelta.claims`'s seed-variation control. Both are part of the analysis: stored in
+its directory before ``analysis.json``, so an interrupted analysis is recomputed whole.
+
 Every writer (a run, figures, the report) holds the directory's exclusive lock
 (:mod:`mechdelta.runs._lock`) while it writes: a second process gets
 :class:`~mechdelta.errors.RunLockedError` at once instead of mixing its results into the run.
@@ -22,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,7 @@ from mechdelta.runs.rundir import (
     FIGURES,
     RUN_FORMAT,
     RUN_FORMAT_VERSION,
+    AnalysisExtras,
     StoredRun,
     clear_analysis,
     result_figures,
@@ -51,7 +59,14 @@ from mechdelta.runs.rundir import (
     write_manifest,
 )
 
-__all__ = ["RunResult", "regenerate_figures", "run_experiment"]
+__all__ = ["SPLIT_HALF_MIN_PROMPTS", "RunResult", "regenerate_figures", "run_experiment"]
+
+#: Split halves need at least this many prompts (4 per half: a percentile bootstrap's minimum).
+SPLIT_HALF_MIN_PROMPTS = 8
+#: The analysis kinds a run computes split halves for (about one more run of the analysis each).
+#: ``"attribute"`` is supported too (the estimates' ranking, without verification) but not on by
+#: default.
+SPLIT_HALF_KINDS: tuple[str, ...] = ("sweep",)
 
 ExperimentLike = Experiment | Mapping[str, Any] | str | os.PathLike[str]
 
@@ -107,6 +122,7 @@ class _Context:
     task: Any
     experiment: Experiment
     progress: bool | None
+    control: Any = None  # the [control] pair, if any
 
     @property
     def boot(self) -> dict[str, Any]:
@@ -181,6 +197,97 @@ EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
 }
 
 
+def _reliability_k(n_sites: int) -> int:
+    """The k of the top-k overlap: a quarter of the grid, between 1 and 10 (the top 10 of a
+    10-site grid would overlap trivially)."""
+    return max(1, min(10, n_sites // 4))
+
+
+def _split_half(ctx: _Context, spec: AnalysisSpec, result: Any) -> tuple[Any, dict[str, Any]]:
+    """Split-half reliability of a sweep's (an attribution's estimates') site ranking, and what
+    was done (or why not) for the analysis record."""
+    from mechdelta.patching.results import BothDirections
+    from mechdelta.stats.reliability import split_half
+
+    n = len(ctx.task)
+    if spec.kind not in SPLIT_HALF_KINDS:
+        return None, {
+            "reliability": {
+                "skipped": f"runs compute split halves for {', '.join(SPLIT_HALF_KINDS)} "
+                f"analyses, not {spec.kind}; mechdelta.split_half(pair, task, "
+                "mechdelta.attribute, ...) computes it"
+            }
+        }
+    if n < SPLIT_HALF_MIN_PROMPTS:
+        return None, {
+            "reliability": {
+                "skipped": f"the task has {n} prompts; split halves need at least "
+                f"{SPLIT_HALF_MIN_PROMPTS} (4 per half)"
+            }
+        }
+    first = result.reference_to_intervened if isinstance(result, BothDirections) else result
+    k = _reliability_k(len(first.sites))
+    seed = ctx.experiment.run.seed
+    # the halves' bootstrap settings: the run's (their intervals are not used; split_half's own
+    # seed= draws the halves, the analysis then uses its default bootstrap seed)
+    boot = {"n_boot": ctx.experiment.run.n_boot, "alpha": float(ctx.experiment.run.alpha)}
+    fn: Callable[..., Any]
+    if spec.kind == "sweep":
+        from mechdelta.patching.sweep import sweep
+
+        fn = sweep
+        kw: dict[str, Any] = {
+            "component": spec.component,
+            "direction": spec.direction,
+            **spec.grid(),
+            "batch_budget": spec.batch_budget,
+        }
+    else:
+        from mechdelta.attribution.nodes import attribute
+
+        fn = attribute
+        # estimates only: the halves rank sites, exact patches are the full task's business
+        kw = {**spec.attribution_kwargs(), "verify": None, "graddrop": False}
+    rel = split_half(ctx.pair, ctx.task, fn, k=k, seed=seed, progress=ctx.progress, **kw, **boot)
+    info = {
+        "seed": seed,
+        "k": k,
+        "prompts_per_half": n // 2,
+        "of": "estimates" if spec.kind == "attribute" else "scores",
+    }
+    return rel, {"reliability": info}
+
+
+def _extras(ctx: _Context, spec: AnalysisSpec, result: Any) -> AnalysisExtras | None:
+    """The split-half reliability of a sweep or attribution and a sweep's result on the
+    control pair. Their warnings (e.g. a half whose shift is not significant) are kept as notes
+    in the analysis record, not raised: the analysis' own warnings say what matters."""
+    from mechdelta.patching.shift import ShiftNotSignificantWarning
+
+    if spec.kind not in ("sweep", "attribute"):
+        return None
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rel, info = _split_half(ctx, spec, result)
+    notes += [f"split halves: {w.category.__name__}: {w.message}" for w in caught]
+    control = None
+    if ctx.control is not None and spec.kind == "sweep":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(ctx.experiment.run.seed)
+            control = _run_sweep(replace(ctx, pair=ctx.control), spec)
+        # a control pair is expected to have no shift of its own: that is not worth a note
+        notes += [
+            f"control pair: {w.category.__name__}: {w.message}"
+            for w in caught
+            if not issubclass(w.category, ShiftNotSignificantWarning)
+        ]
+        assert ctx.experiment.control is not None
+        info["control"] = {"pair": ctx.experiment.control.label}
+    return AnalysisExtras(rel, control, info, tuple(dict.fromkeys(notes)))
+
+
 def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
     """Check every analysis against the model and prompts before spending compute on any."""
     from mechdelta.core.graph import Graph
@@ -221,6 +328,33 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                     prepared.require_aligned("a patch at a fixed position")
         except MechDeltaError as exc:
             raise ConfigError(f"{spec.where} cannot run on this pair and task: {exc}") from None
+
+
+def _preflight_control(exp: Experiment, pair: Any, control: Any, task: Any) -> None:
+    """The control pair runs every sweep on the same task over the same grid: check both."""
+    from mechdelta.patching.sweep import sweep_grid
+
+    assert exp.control is not None
+    try:
+        prepared = task.prepare(
+            control.tokenizer, n_ctx=int(control.cfg.n_ctx), d_vocab=int(control.cfg.d_vocab)
+        )
+    except MechDeltaError as exc:
+        raise ConfigError(f"[control] cannot run the experiment's task: {exc}") from None
+    for spec in exp.analyses:
+        if spec.kind != "sweep":
+            continue
+        assert spec.component is not None
+        try:
+            mine = sweep_grid(spec.component, pair.shape, prepared.seq_len, **spec.grid())
+            theirs = sweep_grid(spec.component, control.shape, prepared.seq_len, **spec.grid())
+        except MechDeltaError as exc:
+            raise ConfigError(f"[control] cannot run {spec.where}: {exc}") from None
+        if mine[1:] != theirs[1:]:
+            raise ConfigError(
+                f"[control] {exp.control.label} has another shape than [pair]: {spec.where} "
+                "would cover a different grid on it; a control pair must share the architecture"
+            )
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -330,10 +464,14 @@ def _run_locked(
     )
     models = pair.provenance_models()
     task_info = prepared.info()
+    control_pair = None if exp.control is None else load_pair(exp.control)[0]
+    control_models = None if control_pair is None else control_pair.provenance_models()
     load_s = time.perf_counter() - t0
     if stored is not None:
-        check_identity(out, stored, models, task_info)
+        check_identity(out, stored, models, task_info, control_models)
     _preflight(exp, pair, prepared)
+    if control_pair is not None:
+        _preflight_control(exp, pair, control_pair, task)
     for analysis_id in damaged:  # only now: the directory is known to be this run's
         _say(quiet, f"{analysis_id}: stored result damaged, recomputing it (--repair)")
         clear_analysis(out, analysis_id)
@@ -352,6 +490,7 @@ def _run_locked(
         "experiment": experiment_info,
         "environment": env,
         "models": models,
+        "control_models": control_models,
         "task": task_info,
         "seeds": exp.run.to_dict(),
         "config": exp.to_dict(),
@@ -371,7 +510,7 @@ def _run_locked(
             manifest["timings"]["analyses_s"][entry["id"]] = rec["seconds"]
     write_manifest(out, manifest)
 
-    ctx = _Context(pair, task, exp, progress=False if quiet else None)
+    ctx = _Context(pair, task, exp, progress=False if quiet else None, control=control_pair)
     computed: list[str] = []
     skipped: list[str] = []
     shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
@@ -388,6 +527,7 @@ def _run_locked(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = EXECUTORS[spec.kind](ctx, spec)
+        extras = _extras(ctx, spec, result)
         seconds = time.perf_counter() - t0
         messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
         save_analysis(
@@ -398,6 +538,7 @@ def _run_locked(
             result=result,
             seconds=seconds,
             warnings=messages,
+            extras=extras,
         )
         entry.update(status="complete", seconds=round(seconds, 3))
         manifest["timings"]["analyses_s"][spec.id] = round(seconds, 3)
@@ -464,7 +605,13 @@ def _write_figures(
     with FigureWriter():
         enabled = False if quiet else None
         for analysis_id in progress(run.ids, total=len(run.ids), desc="figures", enabled=enabled):
-            for name, fig in result_figures(analysis_id, run.load(analysis_id)).items():
+            figs = result_figures(
+                analysis_id,
+                run.load(analysis_id),
+                reliability=run.reliability(analysis_id, verify=False),
+                alpha=float(exp.run.alpha),
+            )
+            for name, fig in figs.items():
                 written[name] = write_figure(fig, run.figure_stem(name), fmts)
     return written, skipped
 

@@ -10,9 +10,13 @@
         verification/<direction>/ an attribution's exact-patch check (``verify = k``): the
                                   Verification's own save, one per direction
         verification.parquet      its table (with a direction column)
+        reliability/[<direction>/] split-half reliability of a sweep's (or an attribution's)
+                                  site ranking (tasks of 8 prompts or more): Spearman, top-k
+                                  overlap and both halves' scores, safetensors + JSON
+        control/                  the same sweep on the experiment's control pair ([control])
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
                                   more figures of one analysis are <id>.<what>.json (see
-                                  :func:`result_figures`)
+                                  :func:`result_figures`: <id>.verification, <id>.reliability)
       report.md, report.html      from ``mechdelta report RUN``
       .mechdelta.lock             exists while a process writes the directory: holds an exclusive
                                   lock (pid, host, command inside; see mechdelta.runs._lock)
@@ -31,24 +35,28 @@ import json
 import os
 import shlex
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechdelta.core._io import atomic_write_bytes, atomic_write_json
+from mechdelta.core._io import atomic_write_bytes, atomic_write_json, load_result, save_result
 from mechdelta.errors import MechDeltaError, RunCorruptError, RunError, RunIncompleteError
 from mechdelta.runs.experiment import Experiment
 
 __all__ = [
     "RUN_FORMAT",
     "RUN_FORMAT_VERSION",
+    "AnalysisExtras",
     "StoredRun",
     "figure_names",
+    "load_reliability",
     "read_manifest",
+    "reliability_figure_name",
     "result_figures",
     "result_loaders",
     "run_command",
+    "save_reliability",
     "verification_figure_name",
 ]
 
@@ -61,6 +69,8 @@ ANALYSIS = "analysis.json"
 TABLE = "table.parquet"
 VERIFICATION = "verification"
 VERIFICATION_TABLE = "verification.parquet"
+RELIABILITY = "reliability"
+CONTROL = "control"
 _ANALYSIS_FORMAT = "mechdelta-analysis"
 _MANIFEST_KEYS = ("format", "format_version", "status", "config", "models", "task", "analyses")
 
@@ -139,21 +149,47 @@ def _attach_verifications(root: Path, result: Any) -> None:
             object.__setattr__(part, "_verification", Verification.load(path))
 
 
-def figure_names(analysis_id: str, result: Any) -> list[str]:
+def figure_names(analysis_id: str, result: Any, reliability: Any = None) -> list[str]:
     """The names of :func:`result_figures` (without building the figures)."""
-    return [name for name, _ in _figure_sources(analysis_id, result)]
+    names = [name for name, _ in _figure_sources(analysis_id, result)]
+    return names + ([reliability_figure_name(analysis_id)] if reliability is not None else [])
 
 
-def result_figures(analysis_id: str, result: Any) -> dict[str, Any]:
+def result_figures(
+    analysis_id: str, result: Any, *, reliability: Any = None, alpha: float = 0.05
+) -> dict[str, Any]:
     """Every figure of one result, by name (its file stem under ``figures/``).
 
     ``<id>``: the result's own figure; a two-direction edge attribution has one per direction
     instead, ``<id>.r2i`` and ``<id>.i2r``. An attribution verified against exact patching adds
     the estimated-vs-exact scatter, ``<id>.verification`` (``<id>.verification.r2i`` and
-    ``.i2r`` for both directions). Built from the result alone: the same stored result gives
-    the same figures.
+    ``.i2r`` for both directions). With a stored split-half ``reliability``, ``<id>.reliability``
+    (one panel per direction). Sweep heat maps grey the sites not significant at ``alpha``.
+    Built from the result alone: the same stored result gives the same figures.
     """
-    return {name: source.figure() for name, source in _figure_sources(analysis_id, result)}
+    out = {name: _figure(source, alpha) for name, source in _figure_sources(analysis_id, result)}
+    if reliability is not None:
+        from mechdelta.plotting import reliability_figure
+
+        out[reliability_figure_name(analysis_id)] = reliability_figure(reliability)
+    return out
+
+
+def _figure(source: Any, alpha: float) -> Any:
+    """``source.figure()``, with the significance overlay at ``alpha`` for sweep grids."""
+    from mechdelta.patching.results import BothDirections, SweepResult
+
+    if isinstance(source, SweepResult):
+        from mechdelta.plotting import sweep_figure
+
+        return sweep_figure(source, alpha=alpha)
+    if isinstance(source, BothDirections) and isinstance(
+        source.reference_to_intervened, SweepResult
+    ):
+        from mechdelta.plotting import both_directions_figure
+
+        return both_directions_figure(source, alpha=alpha)
+    return source.figure()
 
 
 def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
@@ -174,10 +210,102 @@ def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def reliability_figure_name(analysis_id: str) -> str:
+    """The name of an analysis' split-half reliability figure."""
+    return f"{analysis_id}.{RELIABILITY}"
+
+
 def verification_figure_name(analysis_id: str, direction: Any, both: bool) -> str:
     """The name of an attribution's verification figure (``both``: of a two-direction result)."""
     name = f"{analysis_id}.{VERIFICATION}"
     return f"{name}.{_direction_short(direction)}" if both else name
+
+
+# --- split-half reliability and the control pair's result ---------------------------------------
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else float(x)
+
+
+def save_reliability(path: Path, rel: Any) -> None:
+    """Store a :class:`~mechdelta.Reliability` (or a mapping direction -> Reliability) under
+    ``path``: per reliability, ``result.json`` (statistics, site labels) and its two halves'
+    scores as safetensors; a mapping adds ``both.json`` naming the directions."""
+    if isinstance(rel, Mapping):
+        directions = list(rel)
+        for direction in directions:
+            _save_one_reliability(path / direction.replace("->", "_to_"), rel[direction])
+        atomic_write_json(path / "both.json", {"kind": "reliability", "directions": directions})
+        return
+    _save_one_reliability(path, rel)
+
+
+def _save_one_reliability(path: Path, rel: Any) -> None:
+    meta = {
+        "spearman": _nan_to_none(rel.spearman),
+        "top_k_overlap": _nan_to_none(rel.top_k_overlap),
+        "k": rel.k,
+        "n_sites": rel.n_sites,
+        "sites": list(rel.sites),
+        "labels": list(rel.labels),
+    }
+    save_result(
+        path,
+        "reliability",
+        meta,
+        {"scores_a": rel.scores_a.float(), "scores_b": rel.scores_b.float()},
+    )
+
+
+def load_reliability(path: Path) -> Any:
+    """What :func:`save_reliability` stored (None when ``path`` holds nothing)."""
+    both = path / "both.json"
+    if both.is_file():
+        data = _read_json(both, "the reliability index")
+        directions = data.get("directions")
+        if not isinstance(directions, list):
+            raise RunError(f"{os.fspath(both)!r} is corrupt (no directions)")
+        return {
+            str(d): _load_one_reliability(path / str(d).replace("->", "_to_")) for d in directions
+        }
+    if (path / "result.json").is_file():
+        return _load_one_reliability(path)
+    return None
+
+
+def _load_one_reliability(path: Path) -> Any:
+    from mechdelta.errors import ResultFormatError
+    from mechdelta.stats.reliability import Reliability
+
+    meta, tensors = load_result(path, "reliability")
+    try:
+        return Reliability(
+            spearman=float("nan") if meta["spearman"] is None else float(meta["spearman"]),
+            top_k_overlap=(
+                float("nan") if meta["top_k_overlap"] is None else float(meta["top_k_overlap"])
+            ),
+            k=int(meta["k"]),
+            n_sites=int(meta["n_sites"]),
+            sites=tuple(str(x) for x in meta["sites"]),
+            scores_a=tensors["scores_a"],
+            scores_b=tensors["scores_b"],
+            labels=(str(meta["labels"][0]), str(meta["labels"][1])),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ResultFormatError(f"{os.fspath(path)!r} is not a valid reliability: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class AnalysisExtras:
+    """What a run stores with an analysis besides its result: the split-half ``reliability``
+    of its site ranking, its result on the control pair, what was done or why not (``info``,
+    kept in ``analysis.json``), and warnings of these extra computations (``notes``)."""
+
+    reliability: Any = None
+    control: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 def _sha256(path: Path) -> str:
@@ -266,13 +394,25 @@ def save_analysis(
     result: Any,
     seconds: float,
     warnings: list[str],
+    extras: AnalysisExtras | None = None,
 ) -> dict[str, Any]:
     """Store one analysis: the result's own save, its table, an attribution's verification,
-    then ``analysis.json`` (last)."""
+    the extras (split-half reliability, the control pair's result), then ``analysis.json``
+    (last: its checksums cover the extras too)."""
     root = run_dir / RESULTS / analysis_id
     result.save(root)
     write_table(root / TABLE, result.to_dataframe())
     _save_verifications(root, result)
+    extra_record: dict[str, Any] = {}
+    if extras is not None:
+        if extras.reliability is not None:
+            save_reliability(root / RELIABILITY, extras.reliability)
+        if extras.control is not None:
+            extras.control.save(root / CONTROL)
+            extra_record["control_type"] = type(extras.control).__name__
+        extra_record.update(extras.info)
+        if extras.notes:
+            extra_record["notes"] = list(extras.notes)
     record = {
         "format": _ANALYSIS_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
@@ -282,6 +422,7 @@ def save_analysis(
         "result_type": type(result).__name__,
         "seconds": round(seconds, 3),
         "warnings": warnings,
+        **extra_record,
         "files": {p.relative_to(root).as_posix(): _sha256(p) for p in _payload_files(root)},
     }
     atomic_write_json(root / ANALYSIS, record)
@@ -417,6 +558,33 @@ class StoredRun:
             return result
         except MechDeltaError as exc:
             raise self._corrupt(f"analysis {analysis_id!r} cannot be read: {exc}") from None
+
+    def reliability(self, analysis_id: str, *, verify: bool = True) -> Any:
+        """The analysis' stored split-half reliability (a Reliability, a dict by direction, or
+        None when the run did not compute one: see the record's ``reliability`` entry)."""
+        self.record(analysis_id, verify=verify)
+        try:
+            return load_reliability(self.result_dir(analysis_id) / RELIABILITY)
+        except MechDeltaError as exc:
+            raise self._corrupt(
+                f"analysis {analysis_id!r}: its reliability cannot be read: {exc}"
+            ) from None
+
+    def control(self, analysis_id: str, *, verify: bool = True) -> Any:
+        """The analysis' result on the experiment's control pair (None without one)."""
+        rec = self.record(analysis_id, verify=verify)
+        kind = rec.get("control_type")
+        if kind is None:
+            return None
+        loader = result_loaders().get(str(kind))
+        if loader is None:
+            raise RunError(f"analysis {analysis_id!r} stores an unknown control type {kind!r}")
+        try:
+            return loader(self.result_dir(analysis_id) / CONTROL)
+        except MechDeltaError as exc:
+            raise self._corrupt(
+                f"analysis {analysis_id!r}: its control result cannot be read: {exc}"
+            ) from None
 
     def table(self, analysis_id: str) -> Any:
         """The analysis' stored parquet table as a DataFrame."""
