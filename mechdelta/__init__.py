@@ -10,7 +10,17 @@ from mechdelta.attribution._edge_result import EdgeAttribution, EdgeScore
 from mechdelta.attribution.edges import attribute_edges
 from mechdelta.attribution.nodes import Method, attribute
 from mechdelta.attribution.results import AttributionResult, Verification
-from mechdelta.circuits import Circuit, CircuitNotFaithfulWarning, search_circuit
+from mechdelta.circuits import (
+    CheckpointSeries,
+    Circuit,
+    CircuitComparison,
+    CircuitComparisonWarning,
+    CircuitNotFaithfulWarning,
+    SeriesResult,
+    circuit_membership,
+    compare_circuits,
+    search_circuit,
+)
 from mechdelta.core._loading import Processing
 from mechdelta.core.directions import Direction
 from mechdelta.core.graph import Edge, Graph, Node
@@ -79,7 +89,10 @@ __all__ = [
     "AttributionResult",
     "Bootstrap",
     "BothDirections",
+    "CheckpointSeries",
     "Circuit",
+    "CircuitComparison",
+    "CircuitComparisonWarning",
     "CircuitNotFaithfulWarning",
     "Claim",
     "Claims",
@@ -124,6 +137,7 @@ __all__ = [
     "RunIncompleteError",
     "RunLockedError",
     "RunResult",
+    "SeriesResult",
     "ShiftNotSignificantWarning",
     "ShiftResult",
     "Site",
@@ -145,7 +159,9 @@ __all__ = [
     "__version__",
     "attribute",
     "attribute_edges",
+    "circuit_membership",
     "claims",
+    "compare_circuits",
     "factorial",
     "graft",
     "grafted",

@@ -1,6 +1,28 @@
-"""Circuit search across two checkpoints: :func:`search_circuit` returns a :class:`Circuit`."""
+"""Circuits across two checkpoints and across a training run: :func:`search_circuit` returns a
+:class:`Circuit`; :class:`CheckpointSeries` runs analyses along a series of checkpoints;
+:func:`compare_circuits` compares two circuits."""
 
 from mechdelta.circuits.circuit import Circuit, CircuitNotFaithfulWarning
+from mechdelta.circuits.compare import (
+    CircuitComparison,
+    CircuitComparisonWarning,
+    compare_circuits,
+)
 from mechdelta.circuits.search import search_circuit
+from mechdelta.circuits.series import (
+    CheckpointSeries,
+    SeriesResult,
+    circuit_membership,
+)
 
-__all__ = ["Circuit", "CircuitNotFaithfulWarning", "search_circuit"]
+__all__ = [
+    "CheckpointSeries",
+    "Circuit",
+    "CircuitComparison",
+    "CircuitComparisonWarning",
+    "CircuitNotFaithfulWarning",
+    "SeriesResult",
+    "circuit_membership",
+    "compare_circuits",
+    "search_circuit",
+]
