@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from mechdelta.errors import ConfigError, RunCorruptError, RunError, RunIncompleteError
 from mechdelta.patching.shift import ShiftNotSignificantWarning
 from mechdelta.report._build import write_report
+from mechdelta.runs import _controls
 from mechdelta.runs import run as runs
 from mechdelta.runs._lock import LOCK_FILE
 from mechdelta.runs.experiment import Experiment
@@ -411,17 +412,17 @@ def test_split_halves_are_part_of_the_sweep_and_resume_with_it(base_run, tmp_pat
     assert (base_run[0] / "figures" / f"{sweep_id}.reliability.html").is_file()
 
     out = tmp_path / "interrupted"
-    real = runs._split_half
+    real = _controls._split_half
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "_split_half", interrupt)
+    monkeypatch.setattr(_controls, "_split_half", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny_config(SMALL), out, quiet=True)
     run = StoredRun.open(out)
     assert run.is_complete("shift") and not run.is_complete(sweep_id)
-    monkeypatch.setattr(runs, "_split_half", real)
+    monkeypatch.setattr(_controls, "_split_half", real)
     result = run_experiment(tiny_config(SMALL), out, quiet=True)
     assert result.computed == (sweep_id, "patch-L1H1+L0H2-both")
     files = _fingerprint(out, IDS[:3])

@@ -2,7 +2,7 @@
 
 Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep``, ``patch``,
 ``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`) and ``attribute_edges``
-(:func:`~mechdelta.attribute_edges`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs.run.EXECUTORS` and a
+(:func:`~mechdelta.attribute_edges`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a
 report section (:func:`mechdelta.report._build.register_section`).
 """
 

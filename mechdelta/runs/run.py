@@ -14,8 +14,10 @@ Sweeps are also run on two disjoint random halves of the task's prompts (tasks o
 :data:`SPLIT_HALF_MIN_PROMPTS` prompts or more; about one more run of the sweep), and the
 agreement of their site rankings (:func:`~mechdelta.split_half`) is stored with the analysis;
 with a ``[control]`` pair, every sweep is run on it too (same task) and stored with the analysis,
-for :func:`~mechdelta.claims`'s seed-variation control. Both are part of the analysis: stored in
-its directory before ``analysis.json``, so an interrupted analysis is recomputed whole.
+for :func:`~mechdelta.claims`'s seed-variation control (:mod:`mechdelta.runs._controls`). Both
+are part of the analysis: stored in its directory before ``analysis.json``, so an interrupted
+analysis is recomputed whole. The pair is loaded and each analysis computed by
+:mod:`mechdelta.runs._executors`; :mod:`mechdelta.runs._store` writes each analysis.
 
 Every writer (a run, figures, the report) holds the directory's exclusive lock
 (:mod:`mechdelta.runs._lock`) while it writes: a second process gets
@@ -28,8 +30,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,248 +46,28 @@ from mechdelta.errors import (
     RunError,
     TaskError,
 )
+from mechdelta.runs._controls import SPLIT_HALF_MIN_PROMPTS, analysis_extras, preflight_control
+from mechdelta.runs._executors import EXECUTORS, RunContext, load_pair
+from mechdelta.runs._executors import tiny_task as tiny_task  # the built-in pair's task
 from mechdelta.runs._lock import run_lock
 from mechdelta.runs._resume import check_identity, damaged_analyses, prepare_dir
-from mechdelta.runs.experiment import AnalysisSpec, Experiment, PairSpec, short_hash
+from mechdelta.runs._store import clear_analysis, save_analysis
+from mechdelta.runs.experiment import Experiment, short_hash
 from mechdelta.runs.rundir import (
     FIGURES,
     RUN_FORMAT,
     RUN_FORMAT_VERSION,
-    AnalysisExtras,
     StoredRun,
-    clear_analysis,
     result_figures,
-    save_analysis,
     write_manifest,
 )
 
 __all__ = ["SPLIT_HALF_MIN_PROMPTS", "RunResult", "regenerate_figures", "run_experiment"]
 
-#: Split halves need at least this many prompts (4 per half: a percentile bootstrap's minimum).
-SPLIT_HALF_MIN_PROMPTS = 8
-#: The analysis kinds a run computes split halves for (about one more run of the analysis each).
-#: ``"attribute"`` is supported too (the estimates' ranking, without verification) but not on by
-#: default.
-SPLIT_HALF_KINDS: tuple[str, ...] = ("sweep",)
-
 ExperimentLike = Experiment | Mapping[str, Any] | str | os.PathLike[str]
 
 
-# --- the pair and the task ----------------------------------------------------------------------
-
-
-def tiny_task(n_prompts: int = 16, seq_len: int = 8, seed: int = 0) -> Any:
-    """The built-in tiny pair's task: seeded random tokens, KL of intervened to reference.
-
-    ``corrupted`` holds another seeded set of tokens, so the factorial design runs on it too.
-    """
-    from mechdelta.core.task import Task
-
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 64, (n_prompts, seq_len), generator=gen)
-    corrupted = torch.randint(0, 64, (n_prompts, seq_len), generator=gen)
-    return Task(tokens, corrupted=corrupted, metric="kl_to_reference", name="tiny-random-tokens")
-
-
-def load_pair(spec: PairSpec) -> tuple[Any, Any]:
-    """The pair a ``[pair]`` table names, and the task it brings (None for checkpoints)."""
-    if spec.zoo is not None:
-        import importlib
-
-        zoo: Any = importlib.import_module("mechdelta.zoo")
-        entry = zoo.load(spec.zoo, spec.zoo_path)
-        return entry.pair, entry.task
-    if spec.builtin is not None:
-        from mechdelta.core._builtin import tiny_pair
-
-        return tiny_pair(), tiny_task()
-    from mechdelta.core.pair import ModelPair
-
-    assert spec.reference is not None and spec.intervened is not None  # validated by PairSpec
-    pair = ModelPair.load(
-        spec.reference,
-        spec.intervened,
-        device=spec.device,
-        dtype=spec.dtype,
-        processing=spec.processing or "raw",
-        allow_identical=spec.allow_identical,
-    )
-    return pair, None
-
-
-# --- the analyses -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Context:
-    pair: Any
-    task: Any
-    experiment: Experiment
-    progress: bool | None
-    control: Any = None  # the [control] pair, if any
-
-    @property
-    def boot(self) -> dict[str, Any]:
-        r = self.experiment.run
-        return {"n_boot": r.n_boot, "alpha": float(r.alpha), "seed": r.seed}
-
-
-def _run_shift(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.patching.shift import measure_shift
-
-    return measure_shift(ctx.pair, ctx.task, **ctx.boot)
-
-
-def _run_sweep(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.patching.sweep import sweep
-
-    assert spec.component is not None
-    return sweep(
-        ctx.pair,
-        ctx.task,
-        spec.component,
-        spec.direction,
-        **spec.grid(),
-        batch_budget=spec.batch_budget,
-        progress=ctx.progress,
-        **ctx.boot,
-    )
-
-
-def _run_patch(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.patching.patch import patch
-
-    assert spec.sites is not None
-    return patch(
-        ctx.pair, ctx.task, spec.sites, spec.direction, batch_budget=spec.batch_budget, **ctx.boot
-    )
-
-
-def _run_attribute(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.attribution.nodes import attribute
-
-    kw = spec.attribution_kwargs()
-    return attribute(ctx.pair, ctx.task, **kw, progress=ctx.progress, **ctx.boot)
-
-
-def _run_attribute_edges(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.attribution.edges import attribute_edges
-
-    return attribute_edges(ctx.pair, ctx.task, **spec.attribution_kwargs(), **ctx.boot)
-
-
-def _run_weight_diff(ctx: _Context, spec: AnalysisSpec) -> Any:
-    return ctx.pair.weight_diff()
-
-
-def _run_factorial(ctx: _Context, spec: AnalysisSpec) -> Any:
-    from mechdelta.patching.shift import factorial
-
-    return factorial(ctx.pair, ctx.task, **ctx.boot)
-
-
-#: kind -> function(context, spec) -> result (a registry: a new kind adds an entry here, in
-#: :mod:`mechdelta.runs.experiment` for its keys, and in :mod:`mechdelta.report._build` for its section).
-EXECUTORS: dict[str, Callable[[_Context, AnalysisSpec], Any]] = {
-    "shift": _run_shift,
-    "sweep": _run_sweep,
-    "patch": _run_patch,
-    "weight_diff": _run_weight_diff,
-    "factorial": _run_factorial,
-    "attribute": _run_attribute,
-    "attribute_edges": _run_attribute_edges,
-}
-
-
-def _reliability_k(n_sites: int) -> int:
-    """The k of the top-k overlap: a quarter of the grid, between 1 and 10 (the top 10 of a
-    10-site grid would overlap trivially)."""
-    return max(1, min(10, n_sites // 4))
-
-
-def _split_half(ctx: _Context, spec: AnalysisSpec, result: Any) -> tuple[Any, dict[str, Any]]:
-    """Split-half reliability of a sweep's (an attribution's estimates') site ranking, and what
-    was done (or why not) for the analysis record."""
-    from mechdelta.patching.results import BothDirections
-    from mechdelta.stats.reliability import split_half
-
-    n = len(ctx.task)
-    if spec.kind not in SPLIT_HALF_KINDS:
-        return None, {
-            "reliability": {
-                "skipped": f"runs compute split halves for {', '.join(SPLIT_HALF_KINDS)} "
-                f"analyses, not {spec.kind}; mechdelta.split_half(pair, task, "
-                "mechdelta.attribute, ...) computes it"
-            }
-        }
-    if n < SPLIT_HALF_MIN_PROMPTS:
-        return None, {
-            "reliability": {
-                "skipped": f"the task has {n} prompts; split halves need at least "
-                f"{SPLIT_HALF_MIN_PROMPTS} (4 per half)"
-            }
-        }
-    first = result.reference_to_intervened if isinstance(result, BothDirections) else result
-    k = _reliability_k(len(first.sites))
-    seed = ctx.experiment.run.seed
-    # the halves' bootstrap settings: the run's (their intervals are not used; split_half's own
-    # seed= draws the halves, the analysis then uses its default bootstrap seed)
-    boot = {"n_boot": ctx.experiment.run.n_boot, "alpha": float(ctx.experiment.run.alpha)}
-    fn: Callable[..., Any]
-    if spec.kind == "sweep":
-        from mechdelta.patching.sweep import sweep
-
-        fn = sweep
-        kw: dict[str, Any] = {
-            "component": spec.component,
-            "direction": spec.direction,
-            **spec.grid(),
-            "batch_budget": spec.batch_budget,
-        }
-    else:
-        from mechdelta.attribution.nodes import attribute
-
-        fn = attribute
-        # estimates only: the halves rank sites, exact patches are the full task's business
-        kw = {**spec.attribution_kwargs(), "verify": None, "graddrop": False}
-    rel = split_half(ctx.pair, ctx.task, fn, k=k, seed=seed, progress=ctx.progress, **kw, **boot)
-    info = {
-        "seed": seed,
-        "k": k,
-        "prompts_per_half": n // 2,
-        "of": "estimates" if spec.kind == "attribute" else "scores",
-    }
-    return rel, {"reliability": info}
-
-
-def _extras(ctx: _Context, spec: AnalysisSpec, result: Any) -> AnalysisExtras | None:
-    """The split-half reliability of a sweep or attribution and a sweep's result on the
-    control pair. Their warnings (e.g. a half whose shift is not significant) are kept as notes
-    in the analysis record, not raised: the analysis' own warnings say what matters."""
-    from mechdelta.patching.shift import ShiftNotSignificantWarning
-
-    if spec.kind not in ("sweep", "attribute"):
-        return None
-    notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rel, info = _split_half(ctx, spec, result)
-    notes += [f"split halves: {w.category.__name__}: {w.message}" for w in caught]
-    control = None
-    if ctx.control is not None and spec.kind == "sweep":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.manual_seed(ctx.experiment.run.seed)
-            control = _run_sweep(replace(ctx, pair=ctx.control), spec)
-        # a control pair is expected to have no shift of its own: that is not worth a note
-        notes += [
-            f"control pair: {w.category.__name__}: {w.message}"
-            for w in caught
-            if not issubclass(w.category, ShiftNotSignificantWarning)
-        ]
-        assert ctx.experiment.control is not None
-        info["control"] = {"pair": ctx.experiment.control.label}
-    return AnalysisExtras(rel, control, info, tuple(dict.fromkeys(notes)))
+# --- before computing ---------------------------------------------------------------------------
 
 
 def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
@@ -328,33 +110,6 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                     prepared.require_aligned("a patch at a fixed position")
         except MechDeltaError as exc:
             raise ConfigError(f"{spec.where} cannot run on this pair and task: {exc}") from None
-
-
-def _preflight_control(exp: Experiment, pair: Any, control: Any, task: Any) -> None:
-    """The control pair runs every sweep on the same task over the same grid: check both."""
-    from mechdelta.patching.sweep import sweep_grid
-
-    assert exp.control is not None
-    try:
-        prepared = task.prepare(
-            control.tokenizer, n_ctx=int(control.cfg.n_ctx), d_vocab=int(control.cfg.d_vocab)
-        )
-    except MechDeltaError as exc:
-        raise ConfigError(f"[control] cannot run the experiment's task: {exc}") from None
-    for spec in exp.analyses:
-        if spec.kind != "sweep":
-            continue
-        assert spec.component is not None
-        try:
-            mine = sweep_grid(spec.component, pair.shape, prepared.seq_len, **spec.grid())
-            theirs = sweep_grid(spec.component, control.shape, prepared.seq_len, **spec.grid())
-        except MechDeltaError as exc:
-            raise ConfigError(f"[control] cannot run {spec.where}: {exc}") from None
-        if mine[1:] != theirs[1:]:
-            raise ConfigError(
-                f"[control] {exp.control.label} has another shape than [pair]: {spec.where} "
-                "would cover a different grid on it; a control pair must share the architecture"
-            )
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -471,7 +226,7 @@ def _run_locked(
         check_identity(out, stored, models, task_info, control_models)
     _preflight(exp, pair, prepared)
     if control_pair is not None:
-        _preflight_control(exp, pair, control_pair, task)
+        preflight_control(exp, pair, control_pair, task)
     for analysis_id in damaged:  # only now: the directory is known to be this run's
         _say(quiet, f"{analysis_id}: stored result damaged, recomputing it (--repair)")
         clear_analysis(out, analysis_id)
@@ -510,7 +265,7 @@ def _run_locked(
             manifest["timings"]["analyses_s"][entry["id"]] = rec["seconds"]
     write_manifest(out, manifest)
 
-    ctx = _Context(pair, task, exp, progress=False if quiet else None, control=control_pair)
+    ctx = RunContext(pair, task, exp, progress=False if quiet else None, control=control_pair)
     computed: list[str] = []
     skipped: list[str] = []
     shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
@@ -527,7 +282,7 @@ def _run_locked(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = EXECUTORS[spec.kind](ctx, spec)
-        extras = _extras(ctx, spec, result)
+        extras = analysis_extras(ctx, spec, result)
         seconds = time.perf_counter() - t0
         messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
         save_analysis(

@@ -1,4 +1,5 @@
-"""The run directory: its layout, its manifest, and reading stored analyses back.
+"""The run directory: its layout, its manifest, and reading stored analyses back (they are
+written by :func:`mechdelta.runs._store.save_analysis`).
 
 .. code-block:: text
 
@@ -13,6 +14,7 @@
         reliability/[<direction>/] split-half reliability of a sweep's (or an attribution's)
                                   site ranking (tasks of 8 prompts or more): Spearman, top-k
                                   overlap and both halves' scores, safetensors + JSON
+                                  (:func:`mechdelta.stats.reliability.save_reliability`)
         control/                  the same sweep on the experiment's control pair ([control])
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
                                   more figures of one analysis are <id>.<what>.json (see
@@ -30,19 +32,18 @@ corrupt or of another format raises :class:`~mechdelta.errors.RunError` saying w
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shlex
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechdelta.core._io import atomic_write_bytes, atomic_write_json, load_result, save_result
+from mechdelta.core._io import atomic_write_json
 from mechdelta.errors import MechDeltaError, RunCorruptError, RunError, RunIncompleteError
 from mechdelta.runs.experiment import Experiment
+from mechdelta.stats.reliability import load_reliability
 
 __all__ = [
     "RUN_FORMAT",
@@ -50,13 +51,11 @@ __all__ = [
     "AnalysisExtras",
     "StoredRun",
     "figure_names",
-    "load_reliability",
     "read_manifest",
     "reliability_figure_name",
     "result_figures",
     "result_loaders",
     "run_command",
-    "save_reliability",
     "verification_figure_name",
 ]
 
@@ -117,23 +116,6 @@ def _verification(part: Any) -> Any:
     from mechdelta.attribution.results import AttributionResult
 
     return part.verification if isinstance(part, AttributionResult) else None
-
-
-def _save_verifications(root: Path, result: Any) -> None:
-    """Each direction's verification under ``verification/<direction>/``, with one table."""
-    import pandas as pd
-
-    frames = []
-    for part in _parts(result):
-        v = _verification(part)
-        if v is None:
-            continue
-        v.save(root / VERIFICATION / _direction_dir(part.direction))
-        frame = v.to_dataframe()
-        frame.insert(0, "direction", part.direction.value)
-        frames.append(frame)
-    if frames:
-        write_table(root / VERIFICATION_TABLE, pd.concat(frames, ignore_index=True))
 
 
 def _attach_verifications(root: Path, result: Any) -> None:
@@ -221,79 +203,7 @@ def verification_figure_name(analysis_id: str, direction: Any, both: bool) -> st
     return f"{name}.{_direction_short(direction)}" if both else name
 
 
-# --- split-half reliability and the control pair's result ---------------------------------------
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if x != x else float(x)
-
-
-def save_reliability(path: Path, rel: Any) -> None:
-    """Store a :class:`~mechdelta.Reliability` (or a mapping direction -> Reliability) under
-    ``path``: per reliability, ``result.json`` (statistics, site labels) and its two halves'
-    scores as safetensors; a mapping adds ``both.json`` naming the directions."""
-    if isinstance(rel, Mapping):
-        directions = list(rel)
-        for direction in directions:
-            _save_one_reliability(path / direction.replace("->", "_to_"), rel[direction])
-        atomic_write_json(path / "both.json", {"kind": "reliability", "directions": directions})
-        return
-    _save_one_reliability(path, rel)
-
-
-def _save_one_reliability(path: Path, rel: Any) -> None:
-    meta = {
-        "spearman": _nan_to_none(rel.spearman),
-        "top_k_overlap": _nan_to_none(rel.top_k_overlap),
-        "k": rel.k,
-        "n_sites": rel.n_sites,
-        "sites": list(rel.sites),
-        "labels": list(rel.labels),
-    }
-    save_result(
-        path,
-        "reliability",
-        meta,
-        {"scores_a": rel.scores_a.float(), "scores_b": rel.scores_b.float()},
-    )
-
-
-def load_reliability(path: Path) -> Any:
-    """What :func:`save_reliability` stored (None when ``path`` holds nothing)."""
-    both = path / "both.json"
-    if both.is_file():
-        data = _read_json(both, "the reliability index")
-        directions = data.get("directions")
-        if not isinstance(directions, list):
-            raise RunError(f"{os.fspath(both)!r} is corrupt (no directions)")
-        return {
-            str(d): _load_one_reliability(path / str(d).replace("->", "_to_")) for d in directions
-        }
-    if (path / "result.json").is_file():
-        return _load_one_reliability(path)
-    return None
-
-
-def _load_one_reliability(path: Path) -> Any:
-    from mechdelta.errors import ResultFormatError
-    from mechdelta.stats.reliability import Reliability
-
-    meta, tensors = load_result(path, "reliability")
-    try:
-        return Reliability(
-            spearman=float("nan") if meta["spearman"] is None else float(meta["spearman"]),
-            top_k_overlap=(
-                float("nan") if meta["top_k_overlap"] is None else float(meta["top_k_overlap"])
-            ),
-            k=int(meta["k"]),
-            n_sites=int(meta["n_sites"]),
-            sites=tuple(str(x) for x in meta["sites"]),
-            scores_a=tensors["scores_a"],
-            scores_b=tensors["scores_b"],
-            labels=(str(meta["labels"][0]), str(meta["labels"][1])),
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ResultFormatError(f"{os.fspath(path)!r} is not a valid reliability: {exc!r}") from exc
+# --- what a run stores with an analysis -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -314,15 +224,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _payload_files(root: Path) -> list[Path]:
-    """Every file under an analysis directory but the marker and temporary files."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.name != ANALYSIS and not p.name.startswith(".")
-    )
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -376,64 +277,6 @@ def run_command(run_dir: Path, manifest: dict[str, Any] | None, *flags: str) -> 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(run_dir / MANIFEST, manifest)
-
-
-def write_table(path: Path, frame: Any) -> None:
-    """A DataFrame as parquet, atomically."""
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def save_analysis(
-    run_dir: Path,
-    analysis_id: str,
-    *,
-    kind: str,
-    params: dict[str, Any],
-    result: Any,
-    seconds: float,
-    warnings: list[str],
-    extras: AnalysisExtras | None = None,
-) -> dict[str, Any]:
-    """Store one analysis: the result's own save, its table, an attribution's verification,
-    the extras (split-half reliability, the control pair's result), then ``analysis.json``
-    (last: its checksums cover the extras too)."""
-    root = run_dir / RESULTS / analysis_id
-    result.save(root)
-    write_table(root / TABLE, result.to_dataframe())
-    _save_verifications(root, result)
-    extra_record: dict[str, Any] = {}
-    if extras is not None:
-        if extras.reliability is not None:
-            save_reliability(root / RELIABILITY, extras.reliability)
-        if extras.control is not None:
-            extras.control.save(root / CONTROL)
-            extra_record["control_type"] = type(extras.control).__name__
-        extra_record.update(extras.info)
-        if extras.notes:
-            extra_record["notes"] = list(extras.notes)
-    record = {
-        "format": _ANALYSIS_FORMAT,
-        "format_version": RUN_FORMAT_VERSION,
-        "id": analysis_id,
-        "kind": kind,
-        "params": params,
-        "result_type": type(result).__name__,
-        "seconds": round(seconds, 3),
-        "warnings": warnings,
-        **extra_record,
-        "files": {p.relative_to(root).as_posix(): _sha256(p) for p in _payload_files(root)},
-    }
-    atomic_write_json(root / ANALYSIS, record)
-    return record
-
-
-def clear_analysis(run_dir: Path, analysis_id: str) -> None:
-    """Remove what an interrupted attempt at an analysis left behind."""
-    root = run_dir / RESULTS / analysis_id
-    if root.exists():
-        shutil.rmtree(root)
 
 
 @dataclass(frozen=True)

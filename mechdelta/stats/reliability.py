@@ -4,19 +4,28 @@
 per-site scores, and the overlap of their top-``k`` sites by |score|); :func:`split_half` runs an
 analysis on two disjoint random halves of a task's prompts and compares them. A claims table is
 only as good as its ranking's reliability: report both together.
+
+:meth:`Reliability.save` / :meth:`Reliability.load` store one (safetensors + JSON);
+:func:`save_reliability` / :func:`load_reliability` also store a mapping direction -> Reliability
+(one directory per direction, plus ``both.json`` naming them), as :func:`reliability` returns for
+two-direction results.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
-from mechdelta.errors import ConfigError, TaskError
+from mechdelta.core._io import atomic_write_json, load_result, save_result
+from mechdelta.errors import ConfigError, ResultFormatError, TaskError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,7 +34,10 @@ if TYPE_CHECKING:
     from mechdelta.core.pair import ModelPair
     from mechdelta.core.task import Task
 
-__all__ = ["Reliability", "reliability", "split_half"]
+__all__ = ["Reliability", "load_reliability", "reliability", "save_reliability", "split_half"]
+
+_KIND = "reliability"
+_INDEX = "both.json"
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +84,93 @@ class Reliability:
         from mechdelta.plotting import reliability_figure
 
         return reliability_figure(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Store under ``path``: ``result.json`` (statistics, site labels; NaN as null) and the
+        two halves' scores as safetensors."""
+        meta = {
+            "spearman": _nan_to_none(self.spearman),
+            "top_k_overlap": _nan_to_none(self.top_k_overlap),
+            "k": self.k,
+            "n_sites": self.n_sites,
+            "sites": list(self.sites),
+            "labels": list(self.labels),
+        }
+        tensors = {"scores_a": self.scores_a.float(), "scores_b": self.scores_b.float()}
+        return save_result(path, _KIND, meta, tensors)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Reliability:
+        """What :meth:`save` stored; :class:`~mechdelta.errors.ResultFormatError` if invalid."""
+        meta, tensors = load_result(path, _KIND)
+        try:
+            return cls(
+                spearman=_none_to_nan(meta["spearman"]),
+                top_k_overlap=_none_to_nan(meta["top_k_overlap"]),
+                k=int(meta["k"]),
+                n_sites=int(meta["n_sites"]),
+                sites=tuple(str(x) for x in meta["sites"]),
+                scores_a=tensors["scores_a"],
+                scores_b=tensors["scores_b"],
+                labels=(str(meta["labels"][0]), str(meta["labels"][1])),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid reliability: {exc!r}"
+            ) from exc
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else float(x)
+
+
+def _none_to_nan(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _direction_dir(path: Path, direction: str) -> Path:
+    return path / direction.replace("->", "_to_")
+
+
+def save_reliability(
+    path: str | os.PathLike[str], rel: Reliability | Mapping[str, Reliability]
+) -> None:
+    """Store a :class:`Reliability` (as :meth:`Reliability.save`), or a mapping direction ->
+    Reliability: each under ``path/<direction>/`` (``->`` written ``_to_``), plus ``both.json``
+    naming the directions."""
+    root = Path(path)
+    if isinstance(rel, Mapping):
+        directions = list(rel)
+        for direction in directions:
+            rel[direction].save(_direction_dir(root, direction))
+        atomic_write_json(root / _INDEX, {"kind": _KIND, "directions": directions})
+        return
+    rel.save(root)
+
+
+def load_reliability(
+    path: str | os.PathLike[str],
+) -> Reliability | dict[str, Reliability] | None:
+    """What :func:`save_reliability` stored (None when ``path`` holds nothing);
+    :class:`~mechdelta.errors.ResultFormatError` if it is damaged."""
+    root = Path(path)
+    index = root / _INDEX
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ResultFormatError(
+                f"the reliability index {os.fspath(index)!r} is corrupt (not JSON: {exc})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ResultFormatError(f"{os.fspath(index)!r} is corrupt (not a JSON object)")
+        directions = data.get("directions")
+        if not isinstance(directions, list):
+            raise ResultFormatError(f"{os.fspath(index)!r} is corrupt (no directions)")
+        return {str(d): Reliability.load(_direction_dir(root, str(d))) for d in directions}
+    if (root / "result.json").is_file():
+        return Reliability.load(root)
+    return None
 
 
 def _ranks(x: Tensor) -> Tensor:
