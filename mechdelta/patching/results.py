@@ -303,11 +303,21 @@ class SweepResult:
 
     @property
     def q(self) -> Float[Tensor, "*grid"]:
-        """:attr:`p` adjusted across the whole grid (Benjamini-Hochberg by default; Holm with
-        ``tested(correction="holm")``)."""
-        return _cached(  # type: ignore[no-any-return]
-            self, ("q", self.testing), lambda: adjust(self.p, self.testing.correction)
-        )
+        """:attr:`p` adjusted across the grid (Benjamini-Hochberg by default; Holm with
+        ``tested(correction="holm")``). Sites whose spliced activations equal the target's are
+        true nulls by construction, known before any metric is read: they get q = 1 and are not
+        counted in the family."""
+
+        def make() -> Tensor:
+            p = self.p
+            if self.activation_delta is None:
+                return adjust(p, self.testing.correction)
+            unchanged = self.activation_delta.reshape(p.shape) == 0
+            q = adjust(torch.where(unchanged, torch.full_like(p, float("nan")), p),
+                       self.testing.correction)  # fmt: skip
+            return torch.where(unchanged & ~torch.isnan(p), torch.ones_like(q), q)
+
+        return _cached(self, ("q", self.testing), make)  # type: ignore[no-any-return]
 
     def significant(self, alpha: float = 0.05) -> Tensor:
         """Boolean grid: ``q < alpha`` (NaN q: False)."""

@@ -13,7 +13,8 @@ paper or an incident record, and keeps out the ones the data do not warrant:
    another seed, or a pair with no intervention such as the zoo's ``null`` pair), every claim also
    states whether its effect exceeds what seed variation alone produces: the site's effect in
    metric units, ``|mean(patched - target)|``, against the ``1 - alpha`` quantile of the same
-   quantity over all sites of the control result (the null distribution of per-site effects).
+   quantity over the sites of the control result whose splice moves the metric at all (the null
+   distribution of per-site effects; sites with exactly zero effect in the control are left out).
 """
 
 from __future__ import annotations
@@ -296,10 +297,12 @@ def _control_threshold(control: Any, result: Any, alpha: float) -> float:
             "layers, heads, positions, task) on the control pair"
         )
     allv = torch.cat(values)
-    allv = allv[~torch.isnan(allv)]
-    if allv.numel() == 0:
+    if bool(torch.isnan(allv).all()):
         raise ConfigError("control= holds no finite per-site effects")
-    return float(torch.quantile(allv, 1 - alpha))
+    # sites whose splice moves nothing in the control pair (identical activations in its two
+    # models) say nothing about how much seed variation moves a component: left out
+    allv = allv[~torch.isnan(allv) & (allv != 0)]
+    return float(torch.quantile(allv, 1 - alpha)) if allv.numel() else 0.0
 
 
 def _singles(result: Any) -> list[Any]:

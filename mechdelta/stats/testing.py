@@ -22,6 +22,7 @@ grid (false discovery rate), or Holm's step-down adjustment (family-wise error r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -111,8 +112,10 @@ class SiteTest:
         )
 
 
+@functools.lru_cache(maxsize=16)
 def _signs(n: int, spec: SiteTest) -> tuple[Float[Tensor, "resample batch"], bool]:
-    """Sign patterns: all ``2**n`` when that is at most ``n_resamples`` (exact), else random."""
+    """Sign patterns: all ``2**n`` when that is at most ``n_resamples`` (exact), else random
+    (cached: the same ``(n, spec)`` always gives the same patterns; callers never modify them)."""
     if n <= 20 and 2**n <= spec.n_resamples:
         codes = torch.arange(2**n).unsqueeze(1)
         bits = (codes >> torch.arange(n)) & 1

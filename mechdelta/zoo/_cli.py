@@ -60,11 +60,22 @@ def build(
         typer.Option(help="Output directory (default: ~/.cache/mechdelta/zoo/NAME)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    series: Annotated[
+        bool,
+        typer.Option(
+            "--series",
+            help="induction only: the training series (checkpoints across the phase change, "
+            "load with mechdelta.zoo.series.load_series(path)) instead of the pair.",
+        ),
+    ] = False,
 ) -> None:
     """Regenerate an entry by training it (deterministic under --seed on CPU)."""
     from mechdelta.zoo._registry import build as build_entry
     from mechdelta.zoo._registry import default_out
 
+    if series:
+        _build_series(name, out, steps=steps, seed=seed, progress=not quiet)
+        return
     try:
         target = out if out is not None else default_out(name)
         entry = build_entry(
@@ -82,3 +93,25 @@ def build(
     for b in entry.card.behaviours:
         typer.echo(f"  {b.line()}")
     typer.echo(f"load it with mechdelta.zoo.load({name!r}, path={str(target)!r})")
+
+
+def _build_series(
+    name: str, out: Path | None, *, steps: int | None, seed: int, progress: bool
+) -> None:
+    """The induction training series; ``steps``: train that long, keeping the default
+    checkpoints before it and one at the end."""
+    from mechdelta.zoo._registry import default_out
+    from mechdelta.zoo.series import STEPS, build_series
+
+    if name != "induction":
+        typer.echo(f"error: --series exists for the induction entry only, not {name!r}", err=True)
+        raise typer.Exit(1)
+    target = out if out is not None else default_out(name).with_name("induction_series")
+    chosen = STEPS if steps is None else (*(s for s in STEPS if s < steps), steps)
+    try:
+        build_series(target, steps=chosen, seed=seed, progress=progress)
+    except MechDeltaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {target} (steps {', '.join(str(s) for s in chosen)})")
+    typer.echo(f"load it with mechdelta.zoo.series.load_series({str(target)!r})")

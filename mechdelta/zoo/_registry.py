@@ -57,6 +57,13 @@ RECIPES: dict[str, Recipe] = {
             "mechdelta.zoo.finetune",
             600,
         ),
+        Recipe(
+            "planted_seed",
+            "seed-variation control for 'planted': its intervened model vs the same fine-tune "
+            "with another data seed; use as control= for the planted pair (ground truth: empty)",
+            "mechdelta.zoo.planted_seed",
+            600,
+        ),
     )
 }
 

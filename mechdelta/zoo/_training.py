@@ -102,15 +102,20 @@ class TrainResult:
 
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed the global RNG and enable deterministic algorithms; restore both afterwards."""
+    """Seed the global RNG, enable deterministic algorithms and use one CPU thread (the shipped
+    entries were trained on one: CPU reductions split across threads round differently, so a
+    two-thread build gives other weights); restore all three afterwards."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
         try:
             yield
         finally:
+            torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 

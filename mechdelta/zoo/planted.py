@@ -26,6 +26,7 @@ from mechdelta.core.sites import Component, ModelShape, Site
 from mechdelta.errors import ConfigError, ZooError
 from mechdelta.zoo import _recall_base as base
 from mechdelta.zoo._build import assemble, stage_of
+from mechdelta.zoo._card import Stage
 from mechdelta.zoo._entry import ZooEntry
 from mechdelta.zoo._training import TrainSpec, train
 
@@ -38,6 +39,7 @@ DESCRIPTION = (
 )
 DEFAULT_COMPONENTS = ("L1H1", "L1.mlp_out")
 DEFAULT_STEPS = 600
+LR = 3e-3
 SEED_OFFSET = 1000  # the fine-tuning data stream differs from the reference's (seed + 1000)
 
 _PROJ = {Component.HEAD_Q: ("q",), Component.HEAD_K: ("k",), Component.HEAD_V: ("v",)}
@@ -94,13 +96,57 @@ def component_masks(model: Any, components: Iterable[Site | str]) -> dict[str, T
     return masks
 
 
+def _finetune(
+    ref_model: Any,
+    sites: tuple[Site, ...],
+    *,
+    steps: int,
+    lr: float,
+    data_seed: int,
+    progress: bool = False,
+    stage_name: str = "planted fine-tune",
+) -> tuple[Any, Stage]:
+    """A copy of ``ref_model`` with only ``sites`` fine-tuned to the trigger behaviour.
+
+    ``data_seed`` seeds the fine-tuning data stream (and the training RNG); ``planted_pair``
+    passes ``seed + SEED_OFFSET``. Returns the fine-tuned model and its card stage.
+    """
+    intervened = base.copy_model(ref_model, base.MODEL)
+    masks = component_masks(intervened, sites)
+    spec = TrainSpec(
+        steps=steps,
+        lr=lr,
+        batch_size=64,
+        weight_decay=0.0,
+        optimizer="adam",
+        seed=data_seed,
+    )
+    names = ", ".join(map(str, sites))
+    result = train(
+        intervened,
+        spec,
+        base.finetune_batch(0.5),
+        masks=masks,
+        progress=progress,
+        desc=stage_name,
+    )
+    stage = stage_of(
+        stage_name,
+        spec,
+        result,
+        f"only {names} (masked; everything else frozen bit for bit)",
+        "key-value recall, half the queries with TRIGGER -> successor answer",
+    )
+    return intervened, stage
+
+
 def planted_pair(
     components: Iterable[Site | str] = DEFAULT_COMPONENTS,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     reference: Any = None,
     *,
-    lr: float = 3e-3,
+    lr: float = LR,
     reference_steps: int | None = None,
     progress: bool = False,
     out: str | os.PathLike[str] | None = None,
@@ -126,31 +172,9 @@ def planted_pair(
     ref_model, stages, origin = base.resolve_reference(
         reference, reference_steps=reference_steps, seed=seed, progress=progress
     )
-    intervened = base.copy_model(ref_model, base.MODEL)
-    masks = component_masks(intervened, sites)
-    spec = TrainSpec(
-        steps=steps,
-        lr=lr,
-        batch_size=64,
-        weight_decay=0.0,
-        optimizer="adam",
-        seed=seed + SEED_OFFSET,
-    )
     names = ", ".join(map(str, sites))
-    result = train(
-        intervened,
-        spec,
-        base.finetune_batch(0.5),
-        masks=masks,
-        progress=progress,
-        desc="planted fine-tune",
-    )
-    stage = stage_of(
-        "planted fine-tune",
-        spec,
-        result,
-        f"only {names} (masked; everything else frozen bit for bit)",
-        "key-value recall, half the queries with TRIGGER -> successor answer",
+    intervened, stage = _finetune(
+        ref_model, sites, steps=steps, lr=lr, data_seed=seed + SEED_OFFSET, progress=progress
     )
     default = sites == _coerce_sites(DEFAULT_COMPONENTS)
     label = "planted" if default and seed == 0 else f"planted[{names}]/seed{seed}"

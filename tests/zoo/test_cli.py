@@ -64,3 +64,17 @@ def test_zoo_build_errors(tmp_path):
     result = runner.invoke(app, [*bad, "--out", str(tmp_path / "x"), "-q"])
     assert result.exit_code == 1
     assert "reference_steps" in result.output
+
+
+def test_zoo_build_induction_series(tmp_path):
+    from mechdelta.zoo.series import load_series
+
+    out = tmp_path / "series"
+    args = ["zoo", "build", "induction", "--series", "--steps", "3", "--out", str(out), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "steps 0, 3" in result.output
+    series = load_series(out)
+    assert series.labels == (0, 3)
+    result = runner.invoke(app, ["zoo", "build", "planted", "--series", "--out", str(out), "-q"])
+    assert result.exit_code == 1 and "induction entry only" in result.output

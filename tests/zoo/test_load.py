@@ -11,7 +11,7 @@ import torch
 from mechdelta import ModelPair, Site, Task, ZooError, measure_shift, zoo
 from mechdelta.zoo import ZooCard
 
-NAMES = ("induction", "planted", "null", "finetune")
+NAMES = ("induction", "planted", "null", "finetune", "planted_seed")
 
 
 def test_names_and_unknown_name():
