@@ -16,10 +16,10 @@ from mechdelta.circuits import (
     circuit_membership,
     compare_circuits,
 )
-from mechdelta.circuits._series_figure import comparison_figure, membership_figure
 from mechdelta.circuits.compare import spearman
 from mechdelta.core.graph import Edge, Node
 from mechdelta.patching.shift import ShiftResult
+from mechdelta.plotting import comparison_figure, membership_figure
 
 I2R = Direction.INTERVENED_TO_REFERENCE
 SHIFT = ShiftResult(

@@ -13,9 +13,9 @@ import torch
 import mechdelta as md
 from mechdelta import ConfigError, Direction
 from mechdelta.circuits import CheckpointSeries, SeriesResult, circuit_membership
-from mechdelta.circuits._series_figure import membership_figure, trajectory_figure
 from mechdelta.core.provenance import weights_hash
 from mechdelta.errors import ArchitectureMismatchError, ResultFormatError, ZooError
+from mechdelta.plotting import membership_figure, trajectory_figure
 from mechdelta.zoo import induction
 from mechdelta.zoo._models import build_model
 from mechdelta.zoo.series import STEPS, load_series, read_manifest

@@ -137,7 +137,7 @@ class Circuit:
         return pd.DataFrame(rows)
 
     def figure(self) -> go.Figure:
-        from mechdelta.circuits._figure import circuit_figure
+        from mechdelta.plotting._circuit import circuit_figure
 
         return circuit_figure(self)
 

@@ -137,7 +137,7 @@ class CircuitComparison:
 
     def figure(self) -> go.Figure:
         """Each member's share of the contribution in a and in b (grouped bars)."""
-        from mechdelta.circuits._series_figure import comparison_figure
+        from mechdelta.plotting._series import comparison_figure
 
         return comparison_figure(self)
 

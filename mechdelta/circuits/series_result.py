@@ -220,7 +220,7 @@ class SeriesResult:
 
     def figure(self, top: int = 6, alpha: float | None = None, scale: str = "pair") -> go.Figure:
         """Score trajectories of the ``top`` sites (by largest |score| at any pair), CI bands."""
-        from mechdelta.circuits._series_figure import trajectory_figure
+        from mechdelta.plotting._series import trajectory_figure
 
         return trajectory_figure(self, top=top, alpha=alpha, scale=scale)
 

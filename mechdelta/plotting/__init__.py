@@ -19,6 +19,10 @@ from mechdelta.plotting._behaviour import (
     factorial_figure,
     shift_figure,
 )
+from mechdelta.plotting._circuit import (
+    circuit_curve_figure,
+    circuit_figure,
+)
 from mechdelta.plotting._export import (
     FigureWriter,
     StaticFallbackRenderer,
@@ -33,6 +37,11 @@ from mechdelta.plotting._patch import (
 )
 from mechdelta.plotting._reliability import (
     reliability_figure,
+)
+from mechdelta.plotting._series import (
+    comparison_figure,
+    membership_figure,
+    trajectory_figure,
 )
 from mechdelta.plotting._style import (
     COLOURS,
@@ -59,15 +68,20 @@ __all__ = [
     "attention_figure_from_patterns",
     "attention_patterns",
     "both_directions_figure",
+    "circuit_curve_figure",
+    "circuit_figure",
+    "comparison_figure",
     "factorial_figure",
     "figure_size",
     "find_browser",
+    "membership_figure",
     "patch_figure",
     "position_labels",
     "reliability_figure",
     "shift_figure",
     "sweep_figure",
     "to_html",
+    "trajectory_figure",
     "weight_diff_figure",
     "write_figure",
 ]

@@ -510,5 +510,5 @@ def _write_report(run: StoredRun, alpha: float | None = None) -> tuple[Path, Pat
 
 
 # sections of other modules register themselves on import
-from mechdelta.report import _attribution  # noqa: E402, F401
+from mechdelta.report import _attribution, _circuits  # noqa: E402, F401
 from mechdelta.report._claims import claims_blocks, summary_blocks  # noqa: E402

@@ -122,6 +122,29 @@ def _run_attribute_edges(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return attribute_edges(ctx.pair, ctx.task, **spec.attribution_kwargs(), **ctx.boot)
 
 
+def _run_circuit(ctx: RunContext, spec: AnalysisSpec) -> Any:
+    """One circuit search, or two (``direction = "both"``: a BothDirections of circuits)."""
+    from mechdelta.circuits.search import search_circuit
+    from mechdelta.core.directions import Direction
+    from mechdelta.patching.results import BothDirections
+
+    def one(direction: Direction) -> Any:
+        return search_circuit(
+            ctx.pair,
+            ctx.task,
+            direction=direction,
+            **spec.circuit_kwargs(),
+            progress=ctx.progress,
+        )
+
+    direction = Direction(spec.direction)
+    if direction is Direction.BOTH:
+        return BothDirections(
+            one(Direction.REFERENCE_TO_INTERVENED), one(Direction.INTERVENED_TO_REFERENCE)
+        )
+    return one(direction)
+
+
 def _run_weight_diff(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return ctx.pair.weight_diff()
 
@@ -142,4 +165,5 @@ EXECUTORS: dict[str, Callable[[RunContext, AnalysisSpec], Any]] = {
     "factorial": _run_factorial,
     "attribute": _run_attribute,
     "attribute_edges": _run_attribute_edges,
+    "circuit": _run_circuit,
 }

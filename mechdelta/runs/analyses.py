@@ -1,8 +1,8 @@
 """Analysis specifications: one ``[[analyses]]`` entry of an experiment, validated, with a stable id.
 
 Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep``, ``patch``,
-``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`) and ``attribute_edges``
-(:func:`~mechdelta.attribute_edges`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a
+``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`), ``attribute_edges``
+(:func:`~mechdelta.attribute_edges`) and ``circuit`` (:func:`~mechdelta.circuits.search_circuit`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a
 report section (:func:`mechdelta.report._build.register_section`).
 """
 
@@ -61,7 +61,13 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
         "batch_budget",
     ),
     "attribute_edges": ("direction", "method", "steps", "batch_budget"),
+    "circuit": ("level", "method", "direction", "semantics", "target", "max_size", "batch_budget"),
 }
+#: A circuit analysis' defaults (those of :func:`~mechdelta.circuits.search_circuit`, but the
+#: direction, which defaults to ``"reference->intervened"`` as in every analysis).
+CIRCUIT_DEFAULTS: dict[str, Any] = {"level": "node", "method": "attribution", "target": 0.9}
+#: level -> its default semantics.
+CIRCUIT_SEMANTICS = {"node": "graft", "edge": "splice"}
 #: kind -> (its default method, the methods it takes, the one method ``steps`` applies to).
 _METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "attribute": ("atp", ("atp", "atp*", "ig"), "ig"),
@@ -91,6 +97,11 @@ class AnalysisSpec:
       k random others) and ``graddrop`` (``"atp*"`` only).
     - ``attribute_edges``: ``direction``, ``method`` (``"eap"`` default, ``"eap-ig"``), ``steps``
       (``"eap-ig"`` only; default 16), ``batch_budget``.
+    - ``circuit``: ``level`` (``"node"`` default, ``"edge"``), ``method`` (``"attribution"``
+      default, ``"greedy"``, ``"acdc"``), ``direction`` (one, or ``"both"``: one search per
+      direction), ``semantics`` (node: ``"graft"`` default or ``"splice"``; edge: ``"splice"``
+      default or ``"ablate"``), ``target`` (in (0, 1]; default 0.9), ``max_size``,
+      ``batch_budget`` (:func:`~mechdelta.circuits.search_circuit`).
 
     ``name`` sets the analysis id; by default it is derived from the kind and the parameters
     (``batch_budget`` excluded, it does not change results), so ids are stable across runs.
@@ -110,6 +121,10 @@ class AnalysisSpec:
     steps: int | None = None
     verify: int | None = None
     graddrop: bool = False
+    level: str | None = None
+    semantics: str | None = None
+    target: float | None = None
+    max_size: int | None = None
     batch_budget: int | None = None
     index: int = field(default=0, compare=False, repr=False)
 
@@ -171,6 +186,8 @@ class AnalysisSpec:
             object.__setattr__(self, "sites", parsed)
         if self.kind in _METHODS:
             self._check_method()
+        if self.kind == "circuit":
+            self._check_circuit()
         if self.batch_budget is not None:
             check_int(self.batch_budget, f"{where} batch_budget", minimum=1)
 
@@ -201,6 +218,48 @@ class AnalysisSpec:
         if self.graddrop and method != "atp*":
             raise ConfigError(f"{where}: graddrop = true belongs to method 'atp*', not {method!r}")
 
+    def _check_circuit(self) -> None:
+        """``level``, ``method``, ``semantics``, ``target``, ``max_size`` of a circuit search
+        (checked as :func:`~mechdelta.circuits.search_circuit` checks them); fills in defaults."""
+        from mechdelta.circuits.search import _check
+
+        where = self.where
+        level = CIRCUIT_DEFAULTS["level"] if self.level is None else self.level
+        semantics = self.semantics
+        if semantics is None:
+            semantics = CIRCUIT_SEMANTICS.get(str(level).strip().lower(), "graft")
+        target = CIRCUIT_DEFAULTS["target"] if self.target is None else self.target
+        if self.max_size is not None:
+            check_int(self.max_size, f"{where} max_size", minimum=1)
+        # the direction is checked per search: "both" is two searches of one direction each
+        one = Direction.REFERENCE_TO_INTERVENED.value
+        try:
+            lv, m, sem, _, t = _check(
+                level,
+                CIRCUIT_DEFAULTS["method"] if self.method is None else self.method,
+                semantics,
+                one,
+                target,
+                self.max_size,
+            )
+        except MechDeltaError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        for key, value in (("level", lv), ("method", m), ("semantics", sem), ("target", t)):
+            object.__setattr__(self, key, value)
+
+    def circuit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~mechdelta.circuits.search_circuit` (one search), but
+        the pair, task, direction and progress."""
+        assert self.kind == "circuit"
+        return {
+            "level": self.level,
+            "method": self.method,
+            "semantics": self.semantics,
+            "target": self.target,
+            "max_size": self.max_size,
+            "batch_budget": self.batch_budget,
+        }
+
     @property
     def where(self) -> str:
         return f"[[analyses]] #{self.index + 1} ({self.kind})"
@@ -223,13 +282,17 @@ class AnalysisSpec:
         for key, value in table.items():
             if key in ("kind",):
                 continue
-            if key in ("name", "component", "direction", "method"):
+            if key in ("name", "component", "direction", "method", "level", "semantics"):
                 kw[key] = check_str(value, f"{where} {key}")
             elif key in ("per_position", "graddrop"):
                 kw[key] = check_bool(value, f"{where} {key}")
             elif key in ("layers", "heads", "positions", "neurons"):
                 kw[key] = check_ints(value, f"{where} {key}")
-            elif key in ("batch_budget", "steps", "verify"):
+            elif key == "target":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{where} target must be a number in (0, 1], got {value!r}")
+                kw[key] = float(value)
+            elif key in ("batch_budget", "steps", "verify", "max_size"):
                 kw[key] = check_int(value, f"{where} {key}", minimum=1)
             elif key == "sites":
                 if isinstance(value, str) or not isinstance(value, Sequence):
@@ -295,6 +358,14 @@ class AnalysisSpec:
             return f"{stem}-{short_hash(restrict)}" if restrict else stem
         if self.kind in ("attribute", "attribute_edges"):
             return self._attribution_id(short)
+        if self.kind == "circuit":
+            extra: dict[str, Any] = {}
+            if self.target != CIRCUIT_DEFAULTS["target"]:
+                extra["target"] = self.target
+            if self.max_size is not None:
+                extra["max_size"] = self.max_size
+            stem = f"circuit-{self.level}-{self.semantics}-{self.method}-{short}"
+            return f"{stem}-{short_hash(extra)}" if extra else stem
         assert self.sites is not None  # validated in __post_init__
         joined = "+".join(self.sites)
         if len(joined) <= 48 and _ID_RE.match(f"patch-{joined}"):

@@ -100,7 +100,7 @@ def _preflight(exp: Experiment, pair: Any, prepared: Any) -> None:
                 )
                 if "position" in dims:
                     prepared.require_aligned("a by-position attribution")
-            if spec.kind == "attribute_edges":
+            if spec.kind == "attribute_edges" or (spec.kind == "circuit" and spec.level == "edge"):
                 Graph.from_model(pair)
             if spec.kind == "patch":
                 sites = [Site.parse(s) for s in spec.sites or ()]

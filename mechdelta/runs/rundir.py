@@ -18,7 +18,8 @@ written by :func:`mechdelta.runs._store.save_analysis`).
         control/                  the same sweep on the experiment's control pair ([control])
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
                                   more figures of one analysis are <id>.<what>.json (see
-                                  :func:`result_figures`: <id>.verification, <id>.reliability)
+                                  :func:`result_figures`: <id>.verification, <id>.reliability,
+                                  a circuit's faithfulness curve <id>.curve)
       report.md, report.html      from ``mechdelta report RUN``
       .mechdelta.lock             exists while a process writes the directory: holds an exclusive
                                   lock (pid, host, command inside; see mechdelta.runs._lock)
@@ -50,6 +51,7 @@ __all__ = [
     "RUN_FORMAT_VERSION",
     "AnalysisExtras",
     "StoredRun",
+    "circuit_figure_name",
     "figure_names",
     "read_manifest",
     "reliability_figure_name",
@@ -78,8 +80,9 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
     """Result type name (as stored in ``analysis.json``) -> its ``load``."""
     from mechdelta.attribution._edge_result import EdgeAttribution
     from mechdelta.attribution.results import AttributionResult
+    from mechdelta.circuits.circuit import Circuit
     from mechdelta.core.weights import WeightDiff
-    from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
+    from mechdelta.patching.results import PatchResult, SweepResult
     from mechdelta.patching.shift import FactorialResult, ShiftResult
 
     return {
@@ -88,10 +91,33 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
         "ShiftResult": ShiftResult.load,
         "SweepResult": SweepResult.load,
         "PatchResult": PatchResult.load,
-        "BothDirections": BothDirections.load,
+        "BothDirections": _load_both,
         "FactorialResult": FactorialResult.load,
         "WeightDiff": WeightDiff.load,
+        "Circuit": Circuit.load,
     }
+
+
+def _load_both(path: Path) -> Any:
+    """A stored two-direction result; circuits (``both.json`` naming ``Circuit``) included."""
+    from mechdelta.circuits.circuit import Circuit
+    from mechdelta.errors import ResultFormatError
+    from mechdelta.patching.results import BothDirections
+
+    marker = Path(path) / "both.json"
+    try:
+        kind = json.loads(marker.read_text("utf-8")).get("result")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # BothDirections.load says what is wrong
+    if kind == "Circuit":
+        try:
+            return BothDirections(
+                Circuit.load(Path(path) / "reference_to_intervened"),
+                Circuit.load(Path(path) / "intervened_to_reference"),
+            )
+        except MechDeltaError as exc:
+            raise ResultFormatError(f"{os.fspath(path)!r}: {exc}") from exc
+    return BothDirections.load(path)
 
 
 def _parts(result: Any) -> list[Any]:
@@ -143,7 +169,8 @@ def result_figures(
     """Every figure of one result, by name (its file stem under ``figures/``).
 
     ``<id>``: the result's own figure; a two-direction edge attribution has one per direction
-    instead, ``<id>.r2i`` and ``<id>.i2r``. An attribution verified against exact patching adds
+    instead, ``<id>.r2i`` and ``<id>.i2r``. A circuit adds its faithfulness curve,
+    ``<id>.curve`` (both directions: ``<id>.r2i``, ``<id>.r2i.curve``, ``<id>.i2r``, ...). An attribution verified against exact patching adds
     the estimated-vs-exact scatter, ``<id>.verification`` (``<id>.verification.r2i`` and
     ``.i2r`` for both directions). With a stored split-half ``reliability``, ``<id>.reliability``
     (one panel per direction). Sweep heat maps grey the sites not significant at ``alpha``.
@@ -177,10 +204,16 @@ def _figure(source: Any, alpha: float) -> Any:
 def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
     """(figure name, the object whose ``figure()`` draws it) for every figure of a result."""
     from mechdelta.attribution._edge_result import EdgeAttribution
+    from mechdelta.circuits.circuit import Circuit
     from mechdelta.patching.results import BothDirections
 
     parts = _parts(result)
     out: list[tuple[str, Any]] = []
+    if isinstance(parts[0], Circuit):
+        for p in parts:
+            name = circuit_figure_name(analysis_id, p.direction, len(parts) > 1)
+            out += [(name, p), (f"{name}.curve", _CircuitCurve(p))]
+        return out
     if isinstance(result, BothDirections) and isinstance(parts[0], EdgeAttribution):
         out += [(f"{analysis_id}.{_direction_short(p.direction)}", p) for p in parts]
     else:
@@ -190,6 +223,24 @@ def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
         if v is not None:
             out.append((verification_figure_name(analysis_id, part.direction, len(parts) > 1), v))
     return out
+
+
+@dataclass(frozen=True)
+class _CircuitCurve:
+    """A circuit's faithfulness curve, as a figure source."""
+
+    circuit: Any
+
+    def figure(self) -> Any:
+        from mechdelta.plotting import circuit_curve_figure
+
+        return circuit_curve_figure(self.circuit)
+
+
+def circuit_figure_name(analysis_id: str, direction: Any, both: bool) -> str:
+    """The name of a circuit's graph figure (``both``: one of a two-direction search); its
+    faithfulness curve is ``<that>.curve``."""
+    return f"{analysis_id}.{_direction_short(direction)}" if both else analysis_id
 
 
 def reliability_figure_name(analysis_id: str) -> str:

@@ -7,6 +7,10 @@ ports (q below, k at, v above its centre) and each input has its own colour and 
 width is the edge's contribution (its drop-one loss, :attr:`~Circuit.minimality`). Node level:
 circuit members are drawn as large markers whose size is their contribution, the rest of the
 graph small and grey.
+
+:func:`circuit_curve_figure`: faithfulness vs circuit size along the search's ranking, with the
+target band ``[target, 2 - target]``, the full graph's faithfulness (the ceiling) when evaluated,
+and the returned circuit marked.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from mechdelta.core.graph import Node
+from mechdelta.plotting._style import TEMPLATE
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from mechdelta.circuits.circuit import Circuit
+
+__all__ = ["circuit_curve_figure", "circuit_figure"]
 
 _INPUT_STYLE = {
     "q": ("#1f77b4", "solid", -0.22),
@@ -117,6 +124,70 @@ def circuit_figure(circuit: Circuit) -> go.Figure:
         ),
         xaxis={"tickvals": ticks, "ticktext": labels, "title": "layer"},
         yaxis={"title": "head (MLP on top)", "zeroline": False},
-        template="plotly_white",
+        template=TEMPLATE,
+    )
+    return fig
+
+
+def circuit_curve_figure(circuit: Circuit) -> go.Figure:
+    """Faithfulness vs size along the ranking the search used (:attr:`Circuit.curve`), the
+    target band, the ceiling (full graph) when evaluated and the returned circuit."""
+    import plotly.graph_objects as go
+
+    pts = sorted(circuit.curve)
+    fig = go.Figure()
+    n_members = int(circuit.provenance.get("n_members", 0)) or max((s for s, _ in pts), default=1)
+    fig.add_hrect(
+        y0=circuit.target,
+        y1=2 - circuit.target,
+        fillcolor="rgba(34,136,51,0.12)",
+        line_width=0,
+        layer="below",
+    )
+    fig.add_hline(y=1.0, line={"color": "#888888", "width": 1, "dash": "dot"})
+    fig.add_trace(
+        go.Scatter(
+            x=[s for s, _ in pts],
+            y=[f if math.isfinite(f) else None for _, f in pts],
+            mode="lines+markers",
+            name="along the ranking",
+            line={"color": "#4477AA"},
+            hovertemplate="size %{x}<br>faithfulness %{y:.3f}<extra></extra>",
+        )
+    )
+    f = circuit.faithfulness
+    fig.add_trace(
+        go.Scatter(
+            x=[len(circuit)],
+            y=[f if math.isfinite(f) else None],
+            mode="markers",
+            name="returned circuit" + ("" if circuit.reached else " (target not reached)"),
+            marker={"size": 14, "color": "#d62728", "symbol": "star"},
+            hovertemplate="returned circuit: size %{x}<br>faithfulness %{y:.3f}<extra></extra>",
+        )
+    )
+    if math.isfinite(circuit.ceiling):
+        fig.add_trace(
+            go.Scatter(
+                x=[n_members],
+                y=[circuit.ceiling],
+                mode="markers",
+                name="full graph (ceiling)",
+                marker={"size": 11, "color": "#555555", "symbol": "diamond"},
+                hovertemplate="full graph: size %{x}<br>faithfulness %{y:.3f}<extra></extra>",
+            )
+        )
+    area = circuit.curve_area
+    fig.update_layout(
+        title={
+            "text": f"faithfulness vs size: {circuit.level}-level {circuit.semantics} circuit "
+            f"({circuit.method}, {circuit.direction.value})<br><sup>shaded: target band "
+            f"[{circuit.target:g}, {2 - circuit.target:g}]; area under the curve "
+            f"{area:.3f} (of {n_members} members)</sup>"
+        },
+        xaxis={"title": "circuit size (members)", "rangemode": "tozero"}
+        | ({"dtick": 1} if n_members <= 30 else {}),  # whole members
+        yaxis={"title": "faithfulness (fraction of the shift)"},
+        template=TEMPLATE,
     )
     return fig
