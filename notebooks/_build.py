@@ -419,10 +419,278 @@ ATTRIBUTION = [
     ),
 ]
 
+CIRCUITS = [
+    new_markdown_cell(
+        "# Circuit search across two checkpoints: the induction circuit across the phase change\n\n"
+        "A sweep ranks single sites; `md.search_circuit` finds the smallest *set* of components "
+        "(nodes) or connections (edges) that carries the behavioural shift between a source "
+        "model S and a target model T, and says how much of it the set carries. Between two "
+        'checkpoints, "put S\'s circuit into T" can mean three different things; this notebook '
+        "runs each on the zoo's `induction` pair, in both directions, says which question each "
+        "answers, and then follows the circuit along the training run across the phase change."
+    ),
+    new_code_cell(STATIC_FALLBACK),
+    new_code_cell(
+        "import warnings\n"
+        "\n"
+        "import mechdelta as md\n"
+        "from mechdelta.circuits import CircuitNotFaithfulWarning\n"
+        "from mechdelta.plotting import membership_figure\n"
+        "from mechdelta.zoo.series import load_series\n"
+        "\n"
+        'entry = md.zoo.load("induction")  # offline: built from a seed, no download\n'
+        "pair, task = entry.pair, entry.task\n"
+        "pair"
+    ),
+    new_markdown_cell(
+        "## 1. The pair and the shift\n\n"
+        "Two checkpoints of one training run of a 2-layer attention-only model with 4 heads per "
+        "layer: the **reference** is step 400, before the induction phase change, the "
+        "**intervened** step 1500, after it. The task repeats a random token sequence; the metric "
+        "is the loss on the second copy, which only a model with induction heads predicts well. "
+        "Every weight differs between the two checkpoints, so the question is not *which* "
+        "weights changed but which changes matter."
+    ),
+    new_code_cell("shift = md.measure_shift(pair, task, n_boot=1000, seed=0)\nprint(shift)"),
+    new_markdown_cell(
+        "## 2. Three semantics\n\n"
+        '`direction` names source → target as everywhere: `"reference->intervened"` puts '
+        "step 400's circuit into step 1500 (what *breaks* induction), "
+        '`"intervened->reference"` puts step 1500\'s circuit into step 400 (what *gives* it '
+        "induction).\n\n"
+        "| semantics | what runs | a circuit member carries | answers |\n"
+        "|---|---|---|---|\n"
+        "| `\"splice\"` (today's `patch`) | T's parameters | the *source run's cached* activation "
+        "(node) or sender write (edge); everything else recomputes | along which paths does S's "
+        "*activity* have to reach T for T to behave like S? |\n"
+        '| `"ablate"` (ACDC-style, edges) | S\'s parameters | its own live value; every edge '
+        "*outside* the circuit carries T's cached sender write | which part of S's own "
+        "computation does S need to keep its behaviour when the rest is replaced by T's? |\n"
+        '| `"graft"` (nodes) | both | the member\'s *parameters* from S, recomputed on the '
+        "hybrid's own inputs | which components' *weights* must be S's for T to behave like S? |\n\n"
+        "A circuit's **faithfulness** is the fraction of the mean shift its hybrid run moves "
+        "(0 = T's metric, 1 = S's); it *reaches* the target (0.9 here) when it lies in "
+        "`[0.9, 1.1]` (overshoot is not faithful). Every search ends with a pruning pass, so "
+        "dropping any one member loses the target: each member's **drop-one loss** is printed "
+        "beside it."
+    ),
+    new_markdown_cell(
+        "## 3. Node level, graft, both directions\n\n"
+        "Nodes: `embed`, the 8 heads and `unembed` (final norm + unembedding). First "
+        "**reference → intervened**: which of step 400's components, transplanted into step "
+        "1500 (weights and all, recomputed on the hybrid's inputs), undo the shift?"
+    ),
+    new_code_cell(
+        "graft_r2i = md.search_circuit(\n"
+        "    pair,\n"
+        "    task,\n"
+        '    level="node",\n'
+        '    method="attribution",\n'
+        '    direction="reference->intervened",\n'
+        '    semantics="graft",\n'
+        ")\n"
+        "print(graft_r2i)"
+    ),
+    new_markdown_cell(
+        "One head: with layer-0 head L0H3 put back to its step-400 weights, the trained model "
+        "loses nearly all of its induction. Now **intervened → reference**: which of step 1500's "
+        'components give step 400 induction? `method="acdc"` starts from the full graph and '
+        "drops nodes from the logits backwards while the target holds (one exact graft run per "
+        "node), then prunes; `curve` lists the circuits it left on the way, by size:"
+    ),
+    new_code_cell(
+        "graft_i2r = md.search_circuit(\n"
+        "    pair,\n"
+        "    task,\n"
+        '    level="node",\n'
+        '    method="acdc",\n'
+        '    direction="intervened->reference",\n'
+        '    semantics="graft",\n'
+        ")\n"
+        "print(graft_i2r)\n"
+        'n_nodes = graft_i2r.provenance["n_members"]\n'
+        'print(f"\\n{len(graft_i2r)} of {n_nodes} nodes; curve (size: faithfulness):")\n'
+        'print(", ".join(f"{s}: {f:.2f}" for s, f in graft_i2r.curve))'
+    ),
+    new_markdown_cell(
+        "Nearly the whole model. The two directions ask different questions: *breaking* "
+        "induction takes one component (L0H3, whose output the layer-1 heads' keys read), "
+        "*creating* it takes nearly all of them, because the phase change is co-adapted: step "
+        "1500's L0H3 only works together with step 1500's layer-1 heads, embedding and "
+        "unembedding. That is a finding about the training run, not a failure of the search "
+        '(`method="greedy"`, exact forward selection, costs several times as many runs '
+        "here and tells the same story). `md.graft` checks single transplants with a bootstrap "
+        "interval: L0H3 in both directions, and the obvious induction circuit (L0H3 and the "
+        "four layer-1 heads) into step 400:"
+    ),
+    new_code_cell(
+        'for result in md.graft(pair, task, ["L0H3"], "both", n_boot=1000, seed=0):\n'
+        "    print(result)\n"
+        'heads = ["L0H3", "L1H0", "L1H1", "L1H2", "L1H3"]\n'
+        'print(md.graft(pair, task, heads, "intervened->reference", n_boot=1000, seed=0))'
+    ),
+    new_markdown_cell(
+        "## 4. Edge level: splice and ablate\n\n"
+        "Edges go from a sender (`embed`, a head) to a receiver input: a head's q, k or v, or the "
+        "`logits` (the final residual). (Edge-level graft is not available yet.) "
+        "**Splice, reference → intervened**: step 1500 runs with its own weights, and only the "
+        "circuit's edges carry step 400's cached sender writes. Which of step 400's signals break "
+        "induction?"
+    ),
+    new_code_cell(
+        "splice_r2i = md.search_circuit(\n"
+        "    pair,\n"
+        "    task,\n"
+        '    level="edge",\n'
+        '    method="attribution",\n'
+        '    direction="reference->intervened",\n'
+        '    semantics="splice",\n'
+        ")\n"
+        "print(splice_r2i)\n"
+        "splice_r2i.figure()"
+    ),
+    new_markdown_cell(
+        "K-composition: L0H3's step-400 write, read by the *keys* of layer-1 heads, is enough to "
+        "break induction (the layer-1 heads can no longer find the previous occurrence), plus one "
+        "direct path to the logits. The node graft above found L0H3 for the same reason.\n\n"
+        "**Splice, intervened → reference** cannot reach 0.9: under splice the target's final "
+        "norm and unembedding (and the attention output biases `b_O`) always run, so even the "
+        "full graph gives step 1500's residual stream read out by *step 400's* unembedding, which "
+        "changed in training too. The search warns and reports that ceiling (faithfulness of "
+        "the full graph); `max_size` stops the growing early, since no circuit can reach the "
+        "target:"
+    ),
+    new_code_cell(
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        '    warnings.simplefilter("always", CircuitNotFaithfulWarning)\n'
+        "    splice_i2r = md.search_circuit(\n"
+        "        pair,\n"
+        "        task,\n"
+        '        level="edge",\n'
+        '        method="attribution",\n'
+        '        direction="intervened->reference",\n'
+        '        semantics="splice",\n'
+        "        max_size=4,\n"
+        "    )\n"
+        'print(f"reached: {splice_i2r.reached}")\n'
+        'print(f"best circuit of <= 4 edges: {splice_i2r.faithfulness:.3f}")\n'
+        "print(f\"ceiling, all {splice_i2r.provenance['n_members']} edges: {splice_i2r.ceiling:.3f}\")\n"
+        'print(f"warning: {caught[0].message}")'
+    ),
+    new_markdown_cell(
+        "Node-level graft has no such ceiling: `unembed` is a node there, and the intervened → "
+        "reference graft circuit above includes it, with a large drop-one loss.\n\n"
+        "**Ablate**: now the *source* model runs, and every edge *outside* the circuit carries "
+        "the target's cached sender write. **Intervened → reference** this is ACDC on the "
+        "trained model, with step 400's run as the ablation: which of step 1500's own "
+        "connections does its induction need? The search "
+        "returns a few dozen edges including every `L0H3 -> L1Hx.k` K-composition edge (README, "
+        '"Circuits across two checkpoints"); with one exact run per candidate in the pruning '
+        "pass it takes minutes on a CPU, so it is not run here. Two exact `md.patch_edges` runs "
+        "show the K-composition edges' role instead: the full graph (which reproduces step "
+        "1500), and the full graph without the four `L0H3 -> L1Hx.k` edges:"
+    ),
+    new_code_cell(
+        "graph = md.Graph.from_model(pair)\n"
+        'k_comp = [e for e in graph.edges if str(e).startswith("L0H3 -> L1") and str(e).endswith(".k")]\n'
+        "rest = [e for e in graph.edges if e not in k_comp]\n"
+        'for name, edges in [("all edges", graph.edges), ("all but " + ", ".join(map(str, k_comp)), rest)]:\n'
+        "    r = md.patch_edges(\n"
+        '        pair, task, edges, "intervened->reference", semantics="ablate", n_boot=1000, seed=0\n'
+        "    )\n"
+        '    print(f"{len(edges)} edges ({name}): {r.score:.3f} of the shift")'
+    ),
+    new_markdown_cell(
+        "## 5. Across the phase change\n\n"
+        "The zoo ships the training run the pair comes from: 10 checkpoints, steps 0 to 1500 "
+        "(`load_series()`); load six of them, around the phase change, and use the first 16 "
+        "of the task's 32 prompts to keep this section fast. Against step 0, patch "
+        "each head's output from step *k* into step 0 (intervened → reference, one pair per "
+        "step). `emergence` reports, per head, the first "
+        "step whose effect's confidence interval lies beyond 10% of the whole run's shift "
+        '(`scale="series"`: every pair in the unit of the last-vs-first shift):'
+    ),
+    new_code_cell(
+        "series = load_series(steps=[0, 400, 750, 800, 850, 1500])  # step 0 is the reference\n"
+        "print(series)\n"
+        "few = task.subset(range(16))\n"
+        'head_series = series.sweep(few, "head_out", "intervened->reference", n_boot=500, seed=0)\n'
+        'print(head_series.emergence(0.05, threshold=0.1, scale="series"))\n'
+        'head_series.figure(top=4, scale="series")'
+    ),
+    new_markdown_cell(
+        "The layer-1 heads become large all at once, at the phase change; no layer-0 head "
+        "carries much on its own (its output matters through the layer-1 keys, not directly). "
+        "Now the node-level graft circuit reference → intervened, with step 400 as the "
+        "reference, at a few steps across the phase change: which of step 400's components "
+        "break step *k*'s behaviour?"
+    ),
+    new_code_cell(
+        "steps = [400, 800, 850, 1500]\n"
+        "models = [series.models[series.labels.index(step)] for step in steps]\n"
+        "run = md.CheckpointSeries(models, labels=steps)  # step 400 is the reference\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        '    warnings.simplefilter("always", CircuitNotFaithfulWarning)\n'
+        "    circuits = run.search_circuit(\n"
+        "        few,\n"
+        '        level="node",\n'
+        '        method="greedy",\n'
+        '        direction="reference->intervened",\n'
+        '        semantics="graft",\n'
+        "    )\n"
+        "for step, c in circuits.items():\n"
+        '    status = "reached" if c.reached else "NOT reached"\n'
+        "    print(\n"
+        '        f"step {step}: shift {c.shift.shift:+.2f}, {list(c.names)}, "\n'
+        '        f"faithfulness {c.faithfulness:.2f} ({status})"\n'
+        "    )\n"
+        'md.circuit_membership(circuits, values="minimality")'
+    ),
+    new_code_cell("membership_figure(circuits)"),
+    new_markdown_cell(
+        "Read the membership table column by column: a circuit undoes the shift *from step "
+        "400 to that step*, so each column answers for its own pair. Once induction has formed, "
+        "the circuit that breaks it settles on L0H3; at the start of the phase change the shift "
+        "is smaller and partly of another kind, and so is its circuit (the search warns and "
+        "marks a column NOT reached if it cannot reach the target)."
+    ),
+    new_markdown_cell(
+        "## 6. Comparing two circuits\n\n"
+        "`md.compare_circuits(a, b)`: node (and edge) Jaccard overlap, the overlap weighted by "
+        "each member's share of the contribution, the rank correlation of shared members' "
+        "drop-one losses, and what b gained or lost relative to a. Here the circuit just after "
+        "the phase change against the trained model's (same semantics and direction, so each "
+        "member is the same intervention in both):"
+    ),
+    new_code_cell(
+        'cmp = md.compare_circuits(circuits[850], circuits[1500], labels=("step 850", "step 1500"))\n'
+        "print(cmp)\n"
+        "cmp.figure()"
+    ),
+    new_markdown_cell(
+        "## Which semantics answers which question\n\n"
+        "- **graft** (nodes) asks about *weights*: which components' parameters must come from "
+        "S. Reference → intervened it localises what training changed that matters (L0H3); "
+        "intervened → reference it measures how co-adapted the change is (here: nearly "
+        "everything). It has an `unembed` node, so it can always reach the full shift.\n"
+        "- **splice** asks about *activity*: which of S's signals, read by T's weights, carry the "
+        "difference. Cheap and sharp (K-composition into layer-1 keys, reference → intervened), "
+        "but T's unembedding always reads the result out, which caps what it can explain "
+        "(check `.ceiling`).\n"
+        "- **ablate** asks about *S's own computation*: the connections S needs when everything "
+        "else is replaced by T's, ACDC with T as the baseline. It finds the full mechanism "
+        "(intervened → reference: large, and built around the same K-composition edges), at the "
+        "price of larger circuits and many exact runs.\n\n"
+        "Report the semantics and the direction with every circuit: the same member is a "
+        "different intervention under each."
+    ),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_reproducible_figures.ipynb": REPRODUCIBLE,
     "03_attribution.ipynb": ATTRIBUTION,
+    "04_circuit_search.ipynb": CIRCUITS,
 }
 
 

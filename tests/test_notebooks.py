@@ -15,7 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NAMES = ("01_quickstart.ipynb", "02_reproducible_figures.ipynb", "03_attribution.ipynb")
+NAMES = (
+    "01_quickstart.ipynb",
+    "02_reproducible_figures.ipynb",
+    "03_attribution.ipynb",
+    "04_circuit_search.ipynb",
+)
 
 # Prepended to each notebook when executed here: warnings raised by mechdelta, torch,
 # TransformerLens or plotly fail the cell; the Jupyter machinery's own deprecation notices do not.
@@ -137,6 +142,9 @@ def test_notebook_executes(name, tmp_path, venv_kernel):
         assert "figures rebuilt; figure JSON identical" in streams
     if name.startswith("03"):
         assert "Pearson vs exact" in streams and "layer 1 keys, ig" in streams
+    if name.startswith("04"):
+        assert "L0H3 -> L1H1.k" in streams and "ceiling, all" in streams
+        assert "step 1500: shift" in streams
 
 
 def test_progress_shows_a_widget_bar_in_a_kernel(tmp_path, venv_kernel):

@@ -19,7 +19,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from mechdelta.core.graph import Node
-from mechdelta.plotting._style import TEMPLATE
+from mechdelta.plotting._style import TEMPLATE, _finish
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -126,7 +126,7 @@ def circuit_figure(circuit: Circuit) -> go.Figure:
         yaxis={"title": "head (MLP on top)", "zeroline": False},
         template=TEMPLATE,
     )
-    return fig
+    return _finish(fig, {"text": fig.layout.title.text}, 500, 900)
 
 
 def circuit_curve_figure(circuit: Circuit) -> go.Figure:
@@ -190,4 +190,4 @@ def circuit_curve_figure(circuit: Circuit) -> go.Figure:
         yaxis={"title": "faithfulness (fraction of the shift)"},
         template=TEMPLATE,
     )
-    return fig
+    return _finish(fig, {"text": fig.layout.title.text}, 420, 720)

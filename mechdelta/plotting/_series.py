@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
-from mechdelta.plotting._style import TEMPLATE, _nested
+from mechdelta.plotting._style import TEMPLATE, _finish, _nested
 
 if TYPE_CHECKING:
     from mechdelta.circuits.circuit import Circuit
@@ -93,7 +93,7 @@ def trajectory_figure(
         yaxis_title="score",
         legend_title_text=f"top {len(order)} sites",
     )
-    return fig
+    return _finish(fig, {"text": fig.layout.title.text}, 450, 800)
 
 
 def membership_figure(circuits: Mapping[Label, Circuit]) -> go.Figure:
@@ -121,7 +121,9 @@ def membership_figure(circuits: Mapping[Label, Circuit]) -> go.Figure:
         title={"text": f"circuit membership over the series<br><sup>sizes {sizes}</sup>"},
         height=max(300, 22 * len(member.index) + 160),
     )
-    return fig
+    return _finish(
+        fig, {"text": fig.layout.title.text}, max(300, 22 * len(member.index) + 160), 800
+    )
 
 
 def comparison_figure(cmp: CircuitComparison) -> go.Figure:
@@ -155,4 +157,4 @@ def comparison_figure(cmp: CircuitComparison) -> go.Figure:
         xaxis_title="member",
         yaxis_title="share of the circuit's contribution",
     )
-    return fig
+    return _finish(fig, {"text": fig.layout.title.text}, 450, 800)
