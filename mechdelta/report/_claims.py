@@ -154,8 +154,8 @@ def _claims_table(ctx: ReportContext, analysis_id: str, result: Any, found: Any)
             Text(
                 f"Seed-variation control: the same analysis on the control pair ({pair}). A "
                 "claim's effect is beyond seed variation when its |mean change of the metric| "
-                f"exceeds the control's {1 - found.alpha:.0%} quantile over all sites "
-                f"({threshold:.3g} in metric units)."
+                f"exceeds the control's {1 - found.alpha:.0%} quantile over the sites whose "
+                f"splice moves the control's metric at all ({threshold:.3g} in metric units)."
             )
         )
     for note in (*found.notes, *ctx.notes.get(analysis_id, [])):
