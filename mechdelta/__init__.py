@@ -58,6 +58,9 @@ from mechdelta.errors import (
     TokenizerMismatchError,
     ZooError,
 )
+from mechdelta.explain.explanation import Explanation
+from mechdelta.explain.intervention import Intervention
+from mechdelta.explain.pipeline import explain
 from mechdelta.patching.edges import patch_edges
 from mechdelta.patching.graft import graft, grafted
 from mechdelta.patching.patch import patch
@@ -73,6 +76,7 @@ from mechdelta.patching.shift import (
 )
 from mechdelta.patching.sweep import sweep
 from mechdelta.report._build import write_report
+from mechdelta.representations import RepresentationDiff, compare_representations
 from mechdelta.runs.experiment import Experiment
 from mechdelta.runs.run import RunResult, regenerate_figures, run_experiment
 from mechdelta.runs.rundir import StoredRun
@@ -80,6 +84,13 @@ from mechdelta.stats.bootstrap import Bootstrap
 from mechdelta.stats.claims import Claim, Claims, claims
 from mechdelta.stats.reliability import Reliability, reliability, split_half
 from mechdelta.stats.testing import SiteTest
+from mechdelta.steering import (
+    InSampleSteeringWarning,
+    SteeringResult,
+    SteeringVectors,
+    steer,
+    steering_vectors,
+)
 from mechdelta.zoo import ZooCard, ZooEntry
 
 __all__ = [
@@ -107,12 +118,15 @@ __all__ = [
     "EdgeAttribution",
     "EdgeScore",
     "Experiment",
+    "Explanation",
     "ExportError",
     "FactorialResult",
     "Graph",
     "HookMismatchError",
     "IdenticalModelsError",
+    "InSampleSteeringWarning",
     "IncompatibleModelsError",
+    "Intervention",
     "MechDeltaError",
     "Method",
     "Metric",
@@ -131,6 +145,7 @@ __all__ = [
     "Processing",
     "ProcessingMismatchError",
     "Reliability",
+    "RepresentationDiff",
     "ResultFormatError",
     "RunCorruptError",
     "RunError",
@@ -144,6 +159,8 @@ __all__ = [
     "SiteError",
     "SiteScore",
     "SiteTest",
+    "SteeringResult",
+    "SteeringVectors",
     "StoredRun",
     "SweepResult",
     "Task",
@@ -162,6 +179,8 @@ __all__ = [
     "circuit_membership",
     "claims",
     "compare_circuits",
+    "compare_representations",
+    "explain",
     "factorial",
     "graft",
     "grafted",
@@ -174,6 +193,8 @@ __all__ = [
     "run_experiment",
     "search_circuit",
     "split_half",
+    "steer",
+    "steering_vectors",
     "sweep",
     "write_report",
     "zoo",

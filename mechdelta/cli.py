@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mechdelta.explain._cli import explain_command
 from mechdelta.zoo._cli import zoo_app
 
 app = typer.Typer(
@@ -247,6 +248,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
+app.command("explain")(explain_command)
 app.add_typer(zoo_app, name="zoo")
 
 

@@ -38,11 +38,13 @@ from mechdelta.plotting._patch import (
 from mechdelta.plotting._reliability import (
     reliability_figure,
 )
+from mechdelta.plotting._representations import representation_figure
 from mechdelta.plotting._series import (
     comparison_figure,
     membership_figure,
     trajectory_figure,
 )
+from mechdelta.plotting._steering import steering_figure
 from mechdelta.plotting._style import (
     COLOURS,
     EPS,
@@ -78,7 +80,9 @@ __all__ = [
     "patch_figure",
     "position_labels",
     "reliability_figure",
+    "representation_figure",
     "shift_figure",
+    "steering_figure",
     "sweep_figure",
     "to_html",
     "trajectory_figure",
