@@ -686,11 +686,23 @@ CIRCUITS = [
     ),
 ]
 
+
+def _delta_xai_cells() -> list[nbformat.NotebookNode]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_nb_delta_xai", HERE / "_delta_xai.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.cells(STATIC_FALLBACK))
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_reproducible_figures.ipynb": REPRODUCIBLE,
     "03_attribution.ipynb": ATTRIBUTION,
     "04_circuit_search.ipynb": CIRCUITS,
+    "05_delta_xai.ipynb": _delta_xai_cells(),
 }
 
 

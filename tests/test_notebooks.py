@@ -20,6 +20,7 @@ NAMES = (
     "02_reproducible_figures.ipynb",
     "03_attribution.ipynb",
     "04_circuit_search.ipynb",
+    "05_delta_xai.ipynb",
 )
 
 # Prepended to each notebook when executed here: warnings raised by mechdelta, torch,

@@ -91,7 +91,9 @@ class Explanation:
         lines.append(f"{len(claims)} warranted claim(s) at alpha = {self.params['alpha']}:")
         lines += [f"  - {c.text}" for c in claims[:8]]
         if self.steering is not None:
-            lines.append(f"Steering: {_first_line(self.steering)}")
+            from mechdelta.explain.audit import _steering_lines
+
+            lines += _steering_lines(self.steering)
         if self.circuit is not None:
             lines.append(f"Circuit: {_first_line(self.circuit)}")
         for fmt, path in self.reports.items():
