@@ -11,6 +11,8 @@ from mechdelta.circuits.compare import (
 from mechdelta.circuits.search import search_circuit
 from mechdelta.circuits.series import (
     CheckpointSeries,
+    PairCache,
+    SeriesCircuits,
     SeriesResult,
     circuit_membership,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "CircuitComparison",
     "CircuitComparisonWarning",
     "CircuitNotFaithfulWarning",
+    "PairCache",
+    "SeriesCircuits",
     "SeriesResult",
     "circuit_membership",
     "compare_circuits",

@@ -10,19 +10,27 @@ Every analysis runs on :class:`~mechdelta.ModelPair`\\ s built from the series, 
 
 Scores are those of :func:`~mechdelta.sweep` / :func:`~mechdelta.attribute` on each pair: the
 fraction of *that pair's* shift a site explains, with a bootstrap CI over prompts.
+
+Each analysis runs pair by pair, with a progress bar over the pairs (``progress=False``: none;
+each pair's own analysis shows its own progress too), and can resume: given a ``cache`` (a
+:class:`PairCache`: ``load(index, label)`` returns a stored result or None, ``save(index, label,
+result)`` stores one), pairs whose result the cache holds are not recomputed, and every result
+computed is saved as soon as it is done. Runs (``kind = "series"``) pass a cache in the run
+directory, so an interrupted series analysis resumes at the first unfinished pair.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from mechdelta.circuits.series_result import (
     MODES,
     Label,
+    SeriesCircuits,
     SeriesResult,
     _mode,
     circuit_membership,
@@ -35,7 +43,26 @@ from mechdelta.errors import ConfigError, IncompatibleModelsError
 if TYPE_CHECKING:
     from mechdelta.circuits.circuit import Circuit
 
-__all__ = ["MODES", "CheckpointSeries", "Label", "SeriesResult", "circuit_membership"]
+__all__ = [
+    "MODES",
+    "CheckpointSeries",
+    "Label",
+    "PairCache",
+    "SeriesCircuits",
+    "SeriesResult",
+    "circuit_membership",
+]
+
+
+@runtime_checkable
+class PairCache(Protocol):
+    """Where a series analysis keeps each pair's finished result (see the module docstring)."""
+
+    def load(self, index: int, label: Label) -> Any | None:
+        """The stored result of pair ``index`` (labelled ``label``), or None to compute it."""
+
+    def save(self, index: int, label: Label, result: Any) -> None:
+        """Store the result of pair ``index`` (labelled ``label``), just computed."""
 
 
 def _labels(labels: Sequence[Label] | None, n: int) -> tuple[Label, ...]:
@@ -151,20 +178,55 @@ class CheckpointSeries:
 
     # --- analyses ---------------------------------------------------------------------------------
 
+    def _each(
+        self,
+        mode: str,
+        fn: Callable[[ModelPair], Any],
+        desc: str,
+        progress: bool | None,
+        cache: PairCache | None,
+    ) -> list[Any]:
+        """``fn(pair)`` for every pair of ``mode`` in series order: through ``cache`` (pairs it
+        holds are not recomputed; each new result is saved at once), with a progress bar over
+        the pairs (``progress=None`` shows it too: each item is a whole analysis)."""
+        from mechdelta.core.progress import progress as bar
+
+        m = _mode(mode)
+        labels, pairs = self.pair_labels(m), self.pairs(m)
+        out: list[Any] = []
+        shown = progress is not False
+        for k in bar(range(len(pairs)), total=len(pairs), desc=desc, enabled=shown):
+            got = None if cache is None else cache.load(k, labels[k])
+            if got is None:
+                got = fn(pairs[k])
+                if cache is not None:
+                    cache.save(k, labels[k], got)
+            out.append(got)
+        return out
+
     def _run(self, kind: str, fn: Any, task: Any, args: tuple[Any, ...], mode: str,
-             direction: Any, kw: dict[str, Any]) -> SeriesResult:  # fmt: skip
+             direction: Any, kw: dict[str, Any], progress: bool | None,
+             cache: PairCache | None) -> SeriesResult:  # fmt: skip
         d = Direction.coerce(direction)
         if d is Direction.BOTH:
             raise ConfigError("a series analysis takes one direction; call it once per direction")
         m = _mode(mode)
-        results = tuple(fn(p, task, *args, d, **kw) for p in self.pairs(m))
+        inner = {"progress": progress, **kw}
+        what = " ".join(str(getattr(a, "value", a)) for a in args)
+        results = self._each(
+            m,
+            lambda p: fn(p, task, *args, d, **inner),
+            f"series {kind} {what} ({m} mode)",
+            progress,
+            cache,
+        )
         idx = self.pair_indices(m)
         return SeriesResult(
             kind=kind,
             mode=m,
             labels=tuple(self.pair_labels(m)),
             pair_labels=tuple((self.labels[r], self.labels[i]) for r, i in idx),
-            results=results,
+            results=tuple(results),
             checkpoints=self.labels,
         )
 
@@ -175,12 +237,15 @@ class CheckpointSeries:
         direction: Direction | str = Direction.REFERENCE_TO_INTERVENED,
         *,
         mode: str = "reference",
+        progress: bool | None = None,
+        cache: PairCache | None = None,
         **kw: Any,
     ) -> SeriesResult:
-        """:func:`~mechdelta.sweep` on every pair of ``mode`` (``**kw`` passed through)."""
+        """:func:`~mechdelta.sweep` on every pair of ``mode`` (``**kw`` and ``progress`` passed
+        through; ``cache``: see :class:`PairCache`)."""
         from mechdelta.patching.sweep import sweep
 
-        return self._run("sweep", sweep, task, (component,), mode, direction, kw)
+        return self._run("sweep", sweep, task, (component,), mode, direction, kw, progress, cache)
 
     def attribute(
         self,
@@ -189,24 +254,38 @@ class CheckpointSeries:
         direction: Direction | str = Direction.REFERENCE_TO_INTERVENED,
         *,
         mode: str = "reference",
+        progress: bool | None = None,
+        cache: PairCache | None = None,
         **kw: Any,
     ) -> SeriesResult:
-        """:func:`~mechdelta.attribute` on every pair of ``mode`` (``**kw`` passed through)."""
+        """:func:`~mechdelta.attribute` on every pair of ``mode`` (``**kw`` and ``progress`` passed
+        through; ``cache``: see :class:`PairCache`)."""
         from mechdelta.attribution.nodes import attribute
 
-        return self._run("attribution", attribute, task, (component,), mode, direction, kw)
+        return self._run(
+            "attribution", attribute, task, (component,), mode, direction, kw, progress, cache
+        )
 
     def search_circuit(
-        self, task: Any, *, mode: str = "reference", **kw: Any
+        self,
+        task: Any,
+        *,
+        mode: str = "reference",
+        progress: bool | None = None,
+        cache: PairCache | None = None,
+        **kw: Any,
     ) -> dict[Label, Circuit]:
-        """:func:`~mechdelta.circuits.search_circuit` on every pair of ``mode``, by pair label."""
+        """:func:`~mechdelta.circuits.search_circuit` on every pair of ``mode``, by pair label
+        (``**kw`` and ``progress`` passed through; ``cache``: see :class:`PairCache`)."""
         from mechdelta.circuits.search import search_circuit
 
         m = _mode(mode)
-        return {
-            lab: search_circuit(p, task, **kw)
-            for lab, p in zip(self.pair_labels(m), self.pairs(m), strict=True)
-        }
+        inner = {"progress": progress, **kw}
+        found = self._each(
+            m, lambda p: search_circuit(p, task, **inner), f"series circuit ({m} mode)",
+            progress, cache,
+        )  # fmt: skip
+        return dict(zip(self.pair_labels(m), found, strict=True))
 
 
 def _load(items: list[Any], device: Any, dtype: Any, processing: str, tokenizer: Any) -> list[Any]:

@@ -1,5 +1,6 @@
 """Results of analyses along a checkpoint series: :class:`SeriesResult` (one sweep or attribution
-per pair, trajectories, emergence) and :func:`circuit_membership` (members x checkpoints)."""
+per pair, trajectories, emergence), :class:`SeriesCircuits` (one circuit search per pair) and
+:func:`circuit_membership` (members x checkpoints)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ if TYPE_CHECKING:
 
     from mechdelta.circuits.circuit import Circuit
 
-__all__ = ["MODES", "Label", "SeriesResult", "circuit_membership"]
+__all__ = ["MODES", "Label", "SeriesCircuits", "SeriesResult", "circuit_membership"]
 
 Label = Union[int, float, str]  # noqa: UP007  (a runtime alias)
 MODES = ("reference", "consecutive")
 SCALES = ("pair", "series")
 _KIND = "series"
+_CIRCUITS_KIND = "series_circuits"
 
 
 def _mode(value: str) -> str:
@@ -63,7 +65,10 @@ class SeriesResult:
     def __post_init__(self) -> None:
         if not len(self.labels) == len(self.pair_labels) == len(self.results) > 0:
             raise ResultFormatError("a series result needs one label and pair label per result")
-        grids = {(r.component, r.dims, tuple(map(tuple, r.coords.values()))) for r in self.results}
+        grids = {  # coords in any key order (a loaded result's are sorted by name)
+            (r.component, r.dims, tuple(sorted((k, tuple(v)) for k, v in r.coords.items())))
+            for r in self.results
+        }
         if len(grids) != 1:
             raise ResultFormatError("the results of a series must share one grid")
         held = list(dict.fromkeys(x for p in self.pair_labels for x in p))
@@ -273,6 +278,151 @@ class SeriesResult:
             if isinstance(exc, ResultFormatError):
                 raise
             raise ResultFormatError(f"{os.fspath(path)!r} is not a valid series: {exc!r}") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesCircuits:
+    """One circuit search per pair of a series (:meth:`CheckpointSeries.search_circuit
+    <mechdelta.circuits.CheckpointSeries.search_circuit>`), in series order.
+
+    ``labels[k]`` labels ``circuits[k]`` (its intervened checkpoint: the non-reference one in
+    ``"reference"`` mode, the later one in ``"consecutive"`` mode); ``pair_labels[k]`` is its
+    ``(reference, intervened)`` checkpoint labels. Every circuit is a search of one level,
+    semantics, method, direction and target, each on its own pair: its faithfulness is the
+    fraction of *that pair's* mean shift its hybrid run moves.
+    """
+
+    mode: str
+    labels: tuple[Label, ...]
+    pair_labels: tuple[tuple[Label, Label], ...]
+    circuits: tuple[Circuit, ...]
+    checkpoints: tuple[Label, ...] = ()
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not len(self.labels) == len(self.pair_labels) == len(self.circuits) > 0:
+            raise ResultFormatError(
+                "a series of circuits needs one label and pair label per circuit"
+            )
+        _mode(self.mode)
+        kinds = {(c.level, c.semantics, c.method, c.direction, c.target) for c in self.circuits}
+        if len(kinds) != 1:
+            raise ResultFormatError(
+                "the circuits of a series must share level, semantics, method, direction and "
+                f"target; got {sorted(str(k) for k in kinds)}"
+            )
+        if not self.checkpoints:
+            held = tuple(dict.fromkeys(x for p in self.pair_labels for x in p))
+            object.__setattr__(self, "checkpoints", held)
+
+    @classmethod
+    def from_dict(
+        cls,
+        circuits: Mapping[Label, Circuit],
+        pair_labels: tuple[tuple[Label, Label], ...],
+        mode: str,
+        checkpoints: tuple[Label, ...] = (),
+    ) -> SeriesCircuits:
+        """From :meth:`CheckpointSeries.search_circuit`'s dict (label -> circuit)."""
+        return cls(_mode(mode), tuple(circuits), pair_labels, tuple(circuits.values()), checkpoints)
+
+    def __len__(self) -> int:
+        return len(self.circuits)
+
+    def __iter__(self) -> Iterator[Circuit]:
+        return iter(self.circuits)
+
+    def __getitem__(self, label: Label) -> Circuit:
+        try:
+            return self.circuits[self.labels.index(label)]
+        except ValueError:
+            raise KeyError(f"no pair labelled {label!r}; labels: {list(self.labels)}") from None
+
+    def as_dict(self) -> dict[Label, Circuit]:
+        """Label -> circuit (what :meth:`CheckpointSeries.search_circuit` returns)."""
+        return dict(zip(self.labels, self.circuits, strict=True))
+
+    @property
+    def direction(self) -> Direction:
+        return self.circuits[0].direction
+
+    def membership(self, values: str = "member") -> pd.DataFrame:
+        """Members x labels (:func:`circuit_membership`)."""
+        return circuit_membership(self.as_dict(), values)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Every circuit's member rows (``Circuit.to_dataframe()``), with ``label``,
+        ``reference``, ``intervened``, and the circuit's ``faithfulness`` and ``reached``."""
+        import pandas as pd
+
+        frames = []
+        for lab, pl, c in zip(self.labels, self.pair_labels, self.circuits, strict=True):
+            df = c.to_dataframe()
+            if df.empty:  # an empty circuit still gets its row
+                df = pd.DataFrame({"member": [None], "minimality": [float("nan")]})
+            for i, (col, v) in enumerate(
+                (("label", lab), ("reference", pl[0]), ("intervened", pl[1]),
+                 ("faithfulness", c.faithfulness), ("reached", c.reached))
+            ):  # fmt: skip
+                df.insert(i, col, [v] * len(df))
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+    def figure(self) -> go.Figure:
+        """Circuit membership over the series (:func:`~mechdelta.plotting.membership_figure`)."""
+        from mechdelta.plotting._series import membership_figure
+
+        return membership_figure(self.as_dict())
+
+    def __str__(self) -> str:
+        c0 = self.circuits[0]
+        lines = [
+            f"{c0.level}-level {c0.semantics} circuits ({c0.method}) over a series ({self.mode} "
+            f"mode, {self.direction.value}), {len(self)} pairs"
+        ]
+        for lab, c in zip(self.labels, self.circuits, strict=True):
+            lines.append(
+                f"  {lab!s:>8}  {len(c)} members, faithfulness {c.faithfulness:+.3f}"
+                f"{'' if c.reached else ' (target not reached)'}"
+            )
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """A directory: one subdirectory per circuit, then ``meta`` (safetensors + JSON)."""
+        root = Path(path)
+        for k, c in enumerate(self.circuits):
+            c.save(root / f"pair_{k:03d}")
+        meta = {
+            "mode": self.mode,
+            "labels": list(self.labels),
+            "pair_labels": [list(p) for p in self.pair_labels],
+            "checkpoints": list(self.checkpoints),
+            "provenance": self.provenance,
+        }
+        save_result(root, _CIRCUITS_KIND, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SeriesCircuits:
+        from mechdelta.circuits.circuit import Circuit
+
+        root = Path(path)
+        meta, _ = load_result(root, _CIRCUITS_KIND)
+        try:
+            labels = tuple(meta["labels"])
+            return cls(
+                mode=_mode(meta["mode"]),
+                labels=labels,
+                pair_labels=tuple((p[0], p[1]) for p in meta["pair_labels"]),
+                circuits=tuple(Circuit.load(root / f"pair_{k:03d}") for k in range(len(labels))),
+                checkpoints=tuple(meta.get("checkpoints", ())),
+                provenance=meta.get("provenance", {}),
+            )
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            if isinstance(exc, ResultFormatError):
+                raise
+            raise ResultFormatError(
+                f"{os.fspath(path)!r} is not a valid series of circuits: {exc!r}"
+            ) from exc
 
 
 def circuit_membership(circuits: Mapping[Label, Circuit], values: str = "member") -> pd.DataFrame:

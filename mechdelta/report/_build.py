@@ -28,7 +28,6 @@ Each analysis kind contributes a section through a registry: a new kind register
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -41,7 +40,6 @@ from mechdelta.core.directions import Direction
 from mechdelta.errors import ConfigError
 from mechdelta.report._blocks import (
     Block,
-    Code,
     Figure,
     Section,
     Table,
@@ -349,70 +347,6 @@ def _factorial_section(ctx: ReportContext, analysis_id: str, result: Any) -> Sec
     return Section("Model × input (factorial)", (text, table, Figure(analysis_id)), analysis_id)
 
 
-def _control_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """Provenance rows of the control pair (none without one)."""
-    control = manifest.get("control_models")
-    if not control:
-        return []
-    return [
-        (f"control {role}", f"{control[role]['name']} (weights {control[role]['weights_hash']})")
-        for role in ("reference", "intervened")
-    ]
-
-
-def _provenance_section(ctx: ReportContext) -> Section:
-    m = ctx.run.manifest
-    env = m.get("environment", {})
-    models = m["models"]
-    task = m["task"]
-    seeds = m.get("seeds", {})
-    rows: list[tuple[str, str]] = [
-        ("mechdelta", str(env.get("mechdelta"))),
-        ("TransformerLens", str(env.get("transformer_lens"))),
-        ("torch", str(env.get("torch"))),
-        ("transformers", str(env.get("transformers"))),
-        ("python / platform", f"{env.get('python')} / {env.get('platform')}"),
-        ("run started", str(env.get("created"))),
-        ("reference", f"{models['reference']['name']} (weights {models['reference']['weights_hash']})"),
-        ("intervened", f"{models['intervened']['name']} (weights {models['intervened']['weights_hash']})"),
-        *_control_rows(m),
-        ("tokenizer hash", str(models.get("tokenizer_hash"))),
-        ("processing / dtype", f"{models.get('processing')} / {models.get('dtype')}"),
-        ("task", f"{task['name']}: {task['metric']}, {task['n_prompts']} prompts of up to {task['seq_len']} tokens"),
-        ("prompt-set hash", str(task["prompt_hash"])),
-        ("seeds", ", ".join(f"{k}={v}" for k, v in seeds.items())),
-        ("config hash", str(m.get("config_hash"))),
-    ]  # fmt: skip
-    timings = m.get("timings", {})
-    timing_rows = [("load pair", timings.get("load_pair_s"))]
-    timing_rows += list(timings.get("analyses_s", {}).items())
-    timing_rows += [
-        ("figures", timings.get("figures_s")),
-        ("total (last session)", timings.get("total_s")),
-    ]
-    blocks: list[Block] = [
-        Table(("item", "value"), tuple(rows), "software, models, prompts"),
-        Table(
-            ("step", "seconds"),
-            tuple((k, "n/a" if v is None else f"{float(v):.2f}") for k, v in timing_rows),
-            "timings",
-        ),
-    ]
-    warned = [
-        (i, w)
-        for i in ctx.run.ids
-        for rec in [ctx.run.record(i, verify=False)]
-        for w in [*rec.get("warnings", []), *rec.get("notes", [])]
-    ]
-    if warned:
-        blocks.append(Table(("analysis", "warning"), tuple(warned), "warnings raised"))
-    if m.get("static_figures_skipped"):
-        blocks.append(Text(f"Static figures: {m['static_figures_skipped']}"))
-    blocks.append(Text("The resolved experiment configuration:"))
-    blocks.append(Code(json.dumps(m["config"], indent=2, sort_keys=True), "json"))
-    return Section("Provenance", tuple(blocks), "provenance")
-
-
 # --- the report ---------------------------------------------------------------------------------------
 
 
@@ -493,7 +427,7 @@ def _write_report(run: StoredRun, alpha: float | None = None) -> tuple[Path, Pat
         if spec.name is not None or sum(a.kind == spec.kind for a in exp.analyses) > 1:
             section = Section(f"{section.title} ({spec.id})", section.blocks, section.anchor)
         sections.append(section)
-    sections.append(_provenance_section(ctx))
+    sections.append(provenance_section(ctx))
     title = f"Transition report: {exp.name}"
     intro = _summary(ctx, results)
     figures = {
@@ -510,5 +444,6 @@ def _write_report(run: StoredRun, alpha: float | None = None) -> tuple[Path, Pat
 
 
 # sections of other modules register themselves on import
-from mechdelta.report import _attribution, _circuits  # noqa: E402, F401
+from mechdelta.report import _attribution, _circuits, _series  # noqa: E402, F401
 from mechdelta.report._claims import claims_blocks, summary_blocks  # noqa: E402
+from mechdelta.report._provenance import provenance_section  # noqa: E402

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,8 @@ class RunContext:
     experiment: Experiment
     progress: bool | None
     control: Any = None  # the [control] pair, if any
+    series: Any = None  # the [series] (a CheckpointSeries), if any
+    run_dir: Path | None = None  # where a series analysis keeps its finished pairs
 
     @property
     def boot(self) -> dict[str, Any]:
@@ -145,6 +148,16 @@ def _run_circuit(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return one(direction)
 
 
+def _run_series(ctx: RunContext, spec: AnalysisSpec) -> Any:
+    """A sweep, attribution or circuit search on every pair of the [series]; with a run
+    directory, finished pairs are kept and a resumed run skips them (mechdelta.runs._series)."""
+    from mechdelta.runs._series import run_series
+    from mechdelta.runs._store import partial_dir
+
+    cache = None if ctx.run_dir is None else partial_dir(ctx.run_dir, spec.id)
+    return run_series(ctx, spec, cache)
+
+
 def _run_weight_diff(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return ctx.pair.weight_diff()
 
@@ -166,4 +179,5 @@ EXECUTORS: dict[str, Callable[[RunContext, AnalysisSpec], Any]] = {
     "attribute": _run_attribute,
     "attribute_edges": _run_attribute_edges,
     "circuit": _run_circuit,
+    "series": _run_series,
 }

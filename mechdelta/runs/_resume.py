@@ -13,7 +13,7 @@ from typing import Any
 
 from mechdelta.errors import RunCorruptError, RunError
 from mechdelta.runs._lock import LOCK_FILE
-from mechdelta.runs.experiment import Experiment
+from mechdelta.runs.experiment import COMPUTE_KEYS, Experiment
 from mechdelta.runs.rundir import (
     FIGURES,
     MANIFEST,
@@ -25,7 +25,7 @@ from mechdelta.runs.rundir import (
 
 __all__ = ["check_identity", "damaged_analyses", "prepare_dir"]
 
-_COMPUTE_KEYS = ("pair", "task", "run", "analyses", "control")
+_COMPUTE_KEYS = COMPUTE_KEYS
 _RUN_NAMES = {MANIFEST, RESULTS, FIGURES, "report.md", "report.html"}
 
 
@@ -118,9 +118,10 @@ def check_identity(
     models: dict[str, Any],
     task: dict[str, Any],
     control: dict[str, Any] | None = None,
+    series: dict[str, Any] | None = None,
 ) -> None:
-    """RunError unless the models and prompts (and the control pair's models) are the ones the
-    stored run was made with."""
+    """RunError unless the models and prompts (and the control pair's models, and the series'
+    checkpoints) are the ones the stored run was made with."""
     checks = [
         ("reference weights", stored["models"]["reference"]["weights_hash"], models["reference"]["weights_hash"]),
         ("intervened weights", stored["models"]["intervened"]["weights_hash"], models["intervened"]["weights_hash"]),
@@ -137,6 +138,15 @@ def check_identity(
                     (now.get(role) or {}).get("weights_hash"),
                 )
             )
+    if series is not None or stored.get("series") is not None:
+        before_s, now_s = stored.get("series") or {}, series or {}
+        checks.append(
+            (
+                "series checkpoints",
+                [(c["label"], c["weights_hash"]) for c in before_s.get("checkpoints", [])],
+                [(c["label"], c["weights_hash"]) for c in now_s.get("checkpoints", [])],
+            )
+        )
     for what, before, now in checks:
         if before != now:
             raise RunError(

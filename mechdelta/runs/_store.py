@@ -5,7 +5,9 @@ what the run computed with it (:class:`~mechdelta.runs.rundir.AnalysisExtras`: t
 reliability, the control pair's result), then ``analysis.json`` last: its presence marks the
 analysis complete, and it holds the SHA-256 of every other file, which
 :meth:`~mechdelta.runs.rundir.StoredRun.record` checks on reading. :func:`clear_analysis` removes
-what an interrupted attempt left behind.
+what an interrupted attempt left behind, but a series analysis' finished pairs
+(:func:`partial_dir`, kept so that a resumed run skips them); :func:`clear_partial` removes those
+once the analysis is stored.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mechdelta.runs.rundir import (
     _ANALYSIS_FORMAT,
     ANALYSIS,
     CONTROL,
+    PARTIAL,
     RELIABILITY,
     RESULTS,
     RUN_FORMAT_VERSION,
@@ -34,7 +37,7 @@ from mechdelta.runs.rundir import (
 )
 from mechdelta.stats.reliability import save_reliability
 
-__all__ = ["clear_analysis", "save_analysis", "write_table"]
+__all__ = ["clear_analysis", "clear_partial", "partial_dir", "save_analysis", "write_table"]
 
 
 def save_analysis(
@@ -86,6 +89,20 @@ def clear_analysis(run_dir: Path, analysis_id: str) -> None:
     root = run_dir / RESULTS / analysis_id
     if root.exists():
         shutil.rmtree(root)
+
+
+def partial_dir(run_dir: Path, analysis_id: str) -> Path:
+    """Where a series analysis keeps its finished pairs until it is stored."""
+    return run_dir / RESULTS / PARTIAL / analysis_id
+
+
+def clear_partial(run_dir: Path, analysis_id: str) -> None:
+    """Remove a stored series analysis' finished pairs (and ``.partial`` once empty)."""
+    path = partial_dir(run_dir, analysis_id)
+    if path.exists():
+        shutil.rmtree(path)
+    if path.parent.is_dir() and not any(path.parent.iterdir()):
+        path.parent.rmdir()
 
 
 def write_table(path: Path, frame: Any) -> None:

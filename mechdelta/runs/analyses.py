@@ -2,8 +2,11 @@
 
 Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep``, ``patch``,
 ``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`), ``attribute_edges``
-(:func:`~mechdelta.attribute_edges`) and ``circuit`` (:func:`~mechdelta.circuits.search_circuit`). A new kind adds its keys to ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a
-report section (:func:`mechdelta.report._build.register_section`).
+(:func:`~mechdelta.attribute_edges`), ``circuit`` (:func:`~mechdelta.circuits.search_circuit`)
+and ``series`` (a sweep, attribution or circuit search on every pair of the experiment's
+``[series]``: :class:`~mechdelta.circuits.CheckpointSeries`). A new kind adds its keys to
+``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a report
+section (:func:`mechdelta.report._build.register_section`).
 """
 
 from __future__ import annotations
@@ -62,7 +65,32 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "attribute_edges": ("direction", "method", "steps", "batch_budget"),
     "circuit": ("level", "method", "direction", "semantics", "target", "max_size", "batch_budget"),
+    "series": (
+        "analysis",
+        "compare",
+        "threshold",
+        "component",
+        "direction",
+        "per_position",
+        "layers",
+        "heads",
+        "positions",
+        "neurons",
+        "method",
+        "steps",
+        "graddrop",
+        "level",
+        "semantics",
+        "target",
+        "max_size",
+        "batch_budget",
+    ),
 }
+#: What a series analysis runs on each pair (its kind's keys apply, but ``verify``).
+SERIES_ANALYSES = ("sweep", "attribute", "circuit")
+#: ``compare`` -> the id's suffix (the pairs: each checkpoint against the reference, or against
+#: the one before it).
+SERIES_COMPARE = {"reference": "ref", "consecutive": "cons"}
 #: A circuit analysis' defaults (those of :func:`~mechdelta.circuits.search_circuit`, but the
 #: direction, which defaults to ``"reference->intervened"`` as in every analysis).
 CIRCUIT_DEFAULTS: dict[str, Any] = {"level": "node", "method": "attribution", "target": 0.9}
@@ -102,6 +130,12 @@ class AnalysisSpec:
       direction), ``semantics`` (node: ``"graft"`` default or ``"splice"``; edge: ``"splice"``
       default or ``"ablate"``), ``target`` (in (0, 1]; default 0.9), ``max_size``,
       ``batch_budget`` (:func:`~mechdelta.circuits.search_circuit`).
+    - ``series``: ``analysis`` (required: ``"sweep"``, ``"attribute"`` or ``"circuit"``, run on
+      every pair of the experiment's ``[series]``) with that kind's keys (one direction; no
+      ``verify``), ``compare`` (``"reference"`` default: each checkpoint against the series'
+      reference; ``"consecutive"``: each against the one before it) and ``threshold`` (sweeps and
+      attributions: the report's second emergence column, the first checkpoint whose effect's CI
+      lies beyond ± this fraction of the whole series' shift; it does not change results).
 
     ``name`` sets the analysis id; by default it is derived from the kind and the parameters
     (``batch_budget`` excluded, it does not change results), so ids are stable across runs.
@@ -126,6 +160,9 @@ class AnalysisSpec:
     target: float | None = None
     max_size: int | None = None
     batch_budget: int | None = None
+    analysis: str | None = None
+    compare: str | None = None
+    threshold: float | None = None
     index: int = field(default=0, compare=False, repr=False)
 
     def grid(self) -> dict[str, Any]:
@@ -188,6 +225,8 @@ class AnalysisSpec:
             self._check_method()
         if self.kind == "circuit":
             self._check_circuit()
+        if self.kind == "series":
+            self._check_series()
         if self.batch_budget is not None:
             check_int(self.batch_budget, f"{where} batch_budget", minimum=1)
 
@@ -247,6 +286,19 @@ class AnalysisSpec:
         for key, value in (("level", lv), ("method", m), ("semantics", sem), ("target", t)):
             object.__setattr__(self, key, value)
 
+    def _check_series(self) -> None:
+        """``analysis``, ``compare``, ``threshold`` and the per-pair analysis' keys
+        (:func:`mechdelta.runs._series_analysis.check_series`)."""
+        from mechdelta.runs._series_analysis import check_series
+
+        check_series(self)
+
+    def inner(self) -> AnalysisSpec:
+        """A series analysis' per-pair analysis, as an analysis of its own kind."""
+        from mechdelta.runs._series_analysis import inner_spec
+
+        return inner_spec(self)
+
     def circuit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~mechdelta.circuits.search_circuit` (one search), but
         the pair, task, direction and progress."""
@@ -282,15 +334,25 @@ class AnalysisSpec:
         for key, value in table.items():
             if key in ("kind",):
                 continue
-            if key in ("name", "component", "direction", "method", "level", "semantics"):
+            if key in (
+                "name",
+                "component",
+                "direction",
+                "method",
+                "level",
+                "semantics",
+                "analysis",
+                "compare",
+            ):
                 kw[key] = check_str(value, f"{where} {key}")
             elif key in ("per_position", "graddrop"):
                 kw[key] = check_bool(value, f"{where} {key}")
             elif key in ("layers", "heads", "positions", "neurons"):
                 kw[key] = check_ints(value, f"{where} {key}")
-            elif key == "target":
+            elif key in ("target", "threshold"):
                 if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ConfigError(f"{where} target must be a number in (0, 1], got {value!r}")
+                    span = "(0, 1]" if key == "target" else "[0, 1)"
+                    raise ConfigError(f"{where} {key} must be a number in {span}, got {value!r}")
                 kw[key] = float(value)
             elif key in ("batch_budget", "steps", "verify", "max_size"):
                 kw[key] = check_int(value, f"{where} {key}", minimum=1)
@@ -345,6 +407,9 @@ class AnalysisSpec:
             return self.name
         if self.kind in ("shift", "weight_diff", "factorial"):
             return self.kind
+        if self.kind == "series":
+            assert self.compare is not None  # filled in by __post_init__
+            return f"series-{self.inner().id}-{SERIES_COMPARE[self.compare]}"
         short = _DIRECTION_SHORT[Direction(self.direction)]
         if self.kind == "sweep":
             stem = f"sweep-{self.component}-{short}"

@@ -13,6 +13,13 @@ into a run directory. Every unknown key is an error naming the key and the keys 
                                  # or: builtin = "tiny"
                                  # or: reference = "path/or/hub-id", intervened = "...",
                                  #     processing = "raw", dtype = "float32", device = "cpu"
+                                 # or: series = true (the [series]' reference checkpoint vs
+                                 #     its last; the default when [series] is given alone)
+
+    [series]                     # optional: a checkpoint series for kind = "series" analyses
+    zoo = "induction"            # (see mechdelta.runs._series_spec: or checkpoints = [...])
+    steps = [0, 400, 800, 1500]
+    reference = 0
 
     [control]                    # optional: a control pair, specified as [pair] is (e.g. the
     zoo = "null"                 # zoo's null pair, or the intervention re-run with another
@@ -60,6 +67,13 @@ into a run directory. Every unknown key is an error naming the key and the keys 
     kind = "attribute_edges"     # every edge of the graph
     method = "eap"               # or "eap-ig" (steps = 16)
     direction = "both"
+
+    [[analyses]]
+    kind = "series"              # one analysis per pair of the [series]
+    analysis = "sweep"           # or "attribute", "circuit" (their keys; one direction)
+    compare = "reference"        # or "consecutive"
+    component = "head_out"
+    direction = "intervened->reference"
 """
 
 from __future__ import annotations
@@ -74,7 +88,6 @@ from typing import Any, cast
 from mechdelta.errors import ConfigError, MechDeltaError
 from mechdelta.runs._config import (
     check_bool,
-    check_int,
     check_keys,
     check_prompts,
     check_str,
@@ -83,22 +96,27 @@ from mechdelta.runs._config import (
     jsonable,
     short_hash,
 )
+from mechdelta.runs._series_spec import SeriesSpec
+from mechdelta.runs._settings import FIGURE_FORMATS, STATIC_FORMATS, OutputSpec, RunSpec
 from mechdelta.runs.analyses import ANALYSIS_KINDS, KIND_KEYS, AnalysisSpec
 
 __all__ = [
     "ANALYSIS_KINDS",
+    "FIGURE_FORMATS",
+    "STATIC_FORMATS",
     "AnalysisSpec",
     "Experiment",
     "OutputSpec",
     "PairSpec",
     "RunSpec",
+    "SeriesSpec",
     "TaskSpec",
     "short_hash",
 ]
 
 BUILTIN_PAIRS = ("tiny",)
-FIGURE_FORMATS = ("html", "png", "svg", "pdf", "jpeg", "webp")
-STATIC_FORMATS = frozenset({"png", "svg", "pdf", "jpeg", "webp"})
+#: The configuration keys results depend on (not names, texts or outputs).
+COMPUTE_KEYS = ("pair", "task", "run", "analyses", "control", "series")
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -106,7 +124,8 @@ STATIC_FORMATS = frozenset({"png", "svg", "pdf", "jpeg", "webp"})
 
 @dataclass(frozen=True)
 class PairSpec:
-    """Where the two models come from: a zoo entry, a built-in pair, or two checkpoints."""
+    """Where the two models come from: a zoo entry, a built-in pair, two checkpoints, or the
+    experiment's ``[series]`` (``series = true``: its reference checkpoint vs its last)."""
 
     zoo: str | None = None
     zoo_path: str | None = None
@@ -117,6 +136,7 @@ class PairSpec:
     dtype: str | None = None
     device: str | None = None
     allow_identical: bool = False
+    series: bool = False
     #: the table this spec was read from, for messages: "[pair]" or "[control]" (not stored)
     where: str = field(default="[pair]", compare=False, repr=False)
 
@@ -130,17 +150,19 @@ class PairSpec:
         "dtype",
         "device",
         "allow_identical",
+        "series",
     )
 
     def __post_init__(self) -> None:
         sources = [s for s in ("zoo", "builtin") if getattr(self, s) is not None] + (
             ["reference/intervened"] if self.reference or self.intervened else []
         )
+        sources += ["series"] if self.series else []
         if len(sources) != 1:
             raise ConfigError(
-                f"{self.where} needs exactly one source: zoo = NAME, builtin = 'tiny', or "
-                "reference = "
-                f"... with intervened = ...; got {sources or 'none'}"
+                f"{self.where} needs exactly one source: zoo = NAME, builtin = 'tiny', "
+                "reference = ... with intervened = ..., or series = true (with a [series] "
+                f"table); got {sources or 'none'}"
             )
         if (self.reference is None) != (self.intervened is None):
             raise ConfigError(f"{self.where} reference and intervened must be given together")
@@ -172,7 +194,7 @@ class PairSpec:
             return "zoo"
         if self.builtin is not None:
             return "builtin"
-        return "checkpoints"
+        return "series" if self.series else "checkpoints"
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any], where: str = "[pair]") -> PairSpec:
@@ -183,7 +205,7 @@ class PairSpec:
                 value = table[key]
                 kw[key] = (
                     check_bool(value, f"{where} {key}")
-                    if key == "allow_identical"
+                    if key in ("allow_identical", "series")
                     else check_str(value, f"{where} {key}")
                 )
         return cls(**kw)
@@ -198,6 +220,8 @@ class PairSpec:
             return f"zoo:{self.zoo}" + (f" ({self.zoo_path})" if self.zoo_path else "")
         if self.builtin is not None:
             return f"builtin:{self.builtin}"
+        if self.series:
+            return "the series' reference checkpoint vs its last"
         return f"{self.reference} vs {self.intervened}"
 
 
@@ -269,82 +293,6 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Seeds and bootstrap settings shared by every analysis of the experiment."""
-
-    seed: int = 0
-    n_boot: int = 2000
-    alpha: float = 0.05
-
-    KEYS = ("seed", "n_boot", "alpha")
-
-    def __post_init__(self) -> None:
-        check_int(self.seed, "[run] seed", minimum=0)
-        check_int(self.n_boot, "[run] n_boot", minimum=100)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ConfigError(f"[run] alpha must be a number, got {self.alpha!r}")
-        if not 0.0 < float(self.alpha) < 1.0:
-            raise ConfigError(f"[run] alpha must lie in (0, 1), e.g. 0.05, got {self.alpha}")
-
-    @classmethod
-    def from_dict(cls, table: Mapping[str, Any]) -> RunSpec:
-        check_keys(table, cls.KEYS, "[run]")
-        kw = dict(table)
-        if "alpha" in kw and isinstance(kw["alpha"], int) and not isinstance(kw["alpha"], bool):
-            kw["alpha"] = float(kw["alpha"])
-        return cls(**kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "n_boot": self.n_boot, "alpha": float(self.alpha)}
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Figure formats (``<id>.json`` is always written), static-export policy, table sizes."""
-
-    figures: tuple[str, ...] = ("html", "png")
-    require_static: bool = True
-    top_k: int = 10
-
-    KEYS = ("figures", "require_static", "top_k")
-
-    def __post_init__(self) -> None:
-        bad = [f for f in self.figures if f not in FIGURE_FORMATS]
-        if bad:
-            raise ConfigError(
-                f"[output] figures: unknown format {bad[0]!r}; choose from {FIGURE_FORMATS}"
-            )
-        if len(set(self.figures)) != len(self.figures):
-            raise ConfigError(f"[output] figures has duplicates: {list(self.figures)}")
-        check_bool(self.require_static, "[output] require_static")
-        check_int(self.top_k, "[output] top_k", minimum=1)
-
-    @property
-    def static(self) -> tuple[str, ...]:
-        return tuple(f for f in self.figures if f in STATIC_FORMATS)
-
-    @classmethod
-    def from_dict(cls, table: Mapping[str, Any]) -> OutputSpec:
-        check_keys(table, cls.KEYS, "[output]")
-        kw = dict(table)
-        if "figures" in kw:
-            value = kw["figures"]
-            if isinstance(value, str) or not isinstance(value, Sequence):
-                raise ConfigError(
-                    f"[output] figures must be a list such as ['html'], got {value!r}"
-                )
-            kw["figures"] = tuple(check_str(v, "[output] figures[]").lower() for v in value)
-        return cls(**kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "figures": list(self.figures),
-            "require_static": self.require_static,
-            "top_k": self.top_k,
-        }
-
-
-@dataclass(frozen=True)
 class Experiment:
     """A validated experiment: what to compare, on what, which analyses, how to write them."""
 
@@ -356,17 +304,30 @@ class Experiment:
     name: str = "experiment"
     description: str = ""
     control: PairSpec | None = None
+    series: SeriesSpec | None = None
 
-    KEYS = ("name", "description", "pair", "task", "analyses", "run", "output", "control")
+    KEYS = ("name", "description", "pair", "task", "analyses", "run", "output", "control", "series")
 
     def __post_init__(self) -> None:
         if not self.analyses:
             raise ConfigError("the experiment has no [[analyses]]; add at least one")
-        if self.task is None and self.pair.source == "checkpoints":
+        if self.pair.series and self.series is None:
+            raise ConfigError("[pair] series = true needs a [series] table naming the checkpoints")
+        if self.task is None and (
+            self.pair.source == "checkpoints"
+            or (self.series is not None and self.series.checkpoints is not None)
+        ):
             raise ConfigError(
-                "[task] is required when [pair] names checkpoints; zoo and builtin pairs bring "
-                "their own task"
+                f"[task] is required when [{'pair' if self.pair.source == 'checkpoints' else 'series'}]"
+                " names checkpoints; zoo and builtin pairs (and zoo series) bring their own task"
             )
+        if self.series is None:
+            for a in self.analyses:
+                if a.kind == "series":
+                    raise ConfigError(
+                        f"{a.where} needs a [series] table naming the checkpoints (e.g. [series] "
+                        "zoo = 'induction')"
+                    )
         seen: dict[str, AnalysisSpec] = {}
         for a in self.analyses:
             if a.id in seen:
@@ -392,15 +353,18 @@ class Experiment:
     def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
         data = check_table(data, "the experiment")
         check_keys(data, cls.KEYS, "the experiment (top level)")
-        if "pair" not in data:
-            raise ConfigError("the experiment needs a [pair] table")
+        if data.get("pair") is None and data.get("series") is None:
+            raise ConfigError("the experiment needs a [pair] table (or a [series] table)")
+        series = data.get("series")
         raw = data.get("analyses")
         if raw is None:
             raise ConfigError("the experiment has no [[analyses]]; add at least one")
         if isinstance(raw, Mapping) or not isinstance(raw, Sequence):
             raise ConfigError("analyses must be an array of tables: write [[analyses]] blocks")
         return cls(
-            pair=PairSpec.from_dict(check_table(data["pair"], "[pair]")),
+            pair=PairSpec(series=True)
+            if data.get("pair") is None
+            else PairSpec.from_dict(check_table(data["pair"], "[pair]")),
             task=None
             if data.get("task") is None
             else TaskSpec.from_dict(check_table(data["task"], "[task]")),
@@ -415,6 +379,9 @@ class Experiment:
             control=None
             if data.get("control") is None
             else PairSpec.from_dict(check_table(data["control"], "[control]"), "[control]"),
+            series=None
+            if series is None
+            else SeriesSpec.from_dict(check_table(series, "[series]")),
         )
 
     @classmethod
@@ -469,12 +436,13 @@ class Experiment:
             "output": self.output.to_dict(),
             "analyses": [a.to_dict() for a in self.analyses],
             "control": None if self.control is None else self.control.to_dict(),
+            "series": None if self.series is None else self.series.to_dict(),
         }
 
     def compute_dict(self) -> dict[str, Any]:
         """The part of the configuration results depend on (not names, texts or outputs)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("pair", "task", "run", "analyses", "control")}
+        return {k: d[k] for k in COMPUTE_KEYS}
 
     @classmethod
     def from_resolved(cls, data: Mapping[str, Any]) -> Experiment:
@@ -487,6 +455,10 @@ class Experiment:
             }
         else:
             d.pop("control", None)
+        if d.get("series") is not None:
+            d["series"] = {k: v for k, v in d["series"].items() if v is not None and v is not False}
+        else:
+            d.pop("series", None)
         if d.get("task") is not None:
             d["task"] = {k: v for k, v in d["task"].items() if v is not None}
         else:
@@ -495,8 +467,9 @@ class Experiment:
         for a in d["analyses"]:
             keys = ("kind", "name", *KIND_KEYS.get(a.get("kind", ""), ()))
             entry = {k: a[k] for k in keys if k in a and a[k] is not None}
-            if a.get("kind") == "sweep" and not entry.get("per_position", False):
-                entry.pop("per_position", None)
+            for key in ("per_position", "graddrop"):  # False: the default, maybe not allowed
+                if entry.get(key) is False:
+                    entry.pop(key)
             analyses.append(entry)
         d["analyses"] = analyses
         return cls.from_dict(d)

@@ -16,7 +16,9 @@ agreement of their site rankings (:func:`~mechdelta.split_half`) is stored with 
 with a ``[control]`` pair, every sweep is run on it too (same task) and stored with the analysis,
 for :func:`~mechdelta.claims`'s seed-variation control (:mod:`mechdelta.runs._controls`). Both
 are part of the analysis: stored in its directory before ``analysis.json``, so an interrupted
-analysis is recomputed whole. The pair is loaded and each analysis computed by
+analysis is recomputed whole; but a series analysis (``kind = "series"``, over the
+experiment's ``[series]``) keeps each finished pair, and a resumed run computes only the pairs
+left (:mod:`mechdelta.runs._series`). The pair is loaded and each analysis computed by
 :mod:`mechdelta.runs._executors`; :mod:`mechdelta.runs._store` writes each analysis.
 
 Every writer (a run, figures, the report) holds the directory's exclusive lock
@@ -51,7 +53,13 @@ from mechdelta.runs._executors import EXECUTORS, RunContext, load_pair
 from mechdelta.runs._executors import tiny_task as tiny_task  # the built-in pair's task
 from mechdelta.runs._lock import run_lock
 from mechdelta.runs._resume import check_identity, damaged_analyses, prepare_dir
-from mechdelta.runs._store import clear_analysis, save_analysis
+from mechdelta.runs._series import (
+    finished_pairs,
+    preflight_series,
+    series_pair,
+    series_provenance,
+)
+from mechdelta.runs._store import clear_analysis, clear_partial, partial_dir, save_analysis
 from mechdelta.runs.experiment import Experiment, short_hash
 from mechdelta.runs.rundir import (
     FIGURES,
@@ -210,7 +218,13 @@ def _run_locked(
     _say(quiet, f"mechdelta run {exp.name!r} -> {os.fspath(out)} ({len(exp.analyses)} analyses)")
 
     t0 = time.perf_counter()
-    pair, default_task = load_pair(exp.pair)
+    series = None if exp.series is None else exp.series.load()
+    if series is not None and exp.pair.series:  # no [pair]: the series' reference vs its last
+        pair, default_task = series_pair(series), None
+    else:
+        pair, default_task = load_pair(exp.pair)
+    if default_task is None and exp.series is not None:  # a zoo series brings its task
+        default_task = exp.series.default_task()
     task = exp.task.build() if exp.task is not None else default_task
     if task is None:  # a zoo entry without a task: say so rather than fail later
         raise ConfigError(f"[pair] {exp.pair.source} pair brings no task; add a [task] table")
@@ -221,10 +235,13 @@ def _run_locked(
     task_info = prepared.info()
     control_pair = None if exp.control is None else load_pair(exp.control)[0]
     control_models = None if control_pair is None else control_pair.provenance_models()
+    series_info = None if series is None else series_provenance(series)
     load_s = time.perf_counter() - t0
     if stored is not None:
-        check_identity(out, stored, models, task_info, control_models)
+        check_identity(out, stored, models, task_info, control_models, series_info)
     _preflight(exp, pair, prepared)
+    if series is not None:
+        preflight_series(exp, series, task)
     if control_pair is not None:
         preflight_control(exp, pair, control_pair, task)
     for analysis_id in damaged:  # only now: the directory is known to be this run's
@@ -246,6 +263,7 @@ def _run_locked(
         "environment": env,
         "models": models,
         "control_models": control_models,
+        "series": series_info,
         "task": task_info,
         "seeds": exp.run.to_dict(),
         "config": exp.to_dict(),
@@ -265,7 +283,15 @@ def _run_locked(
             manifest["timings"]["analyses_s"][entry["id"]] = rec["seconds"]
     write_manifest(out, manifest)
 
-    ctx = RunContext(pair, task, exp, progress=False if quiet else None, control=control_pair)
+    ctx = RunContext(
+        pair,
+        task,
+        exp,
+        progress=False if quiet else None,
+        control=control_pair,
+        series=series,
+        run_dir=out,
+    )
     computed: list[str] = []
     skipped: list[str] = []
     shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
@@ -275,7 +301,8 @@ def _run_locked(
             skipped.append(spec.id)
             _say(quiet, f"{label}: complete, skipped")
             continue
-        _say(quiet, f"{label}: running")
+        kept = finished_pairs(partial_dir(out, spec.id))
+        _say(quiet, f"{label}: running" + (f" ({kept} pairs kept from before)" if kept else ""))
         clear_analysis(out, spec.id)
         torch.manual_seed(exp.run.seed)
         t0 = time.perf_counter()
@@ -295,6 +322,7 @@ def _run_locked(
             warnings=messages,
             extras=extras,
         )
+        clear_partial(out, spec.id)
         entry.update(status="complete", seconds=round(seconds, 3))
         manifest["timings"]["analyses_s"][spec.id] = round(seconds, 3)
         session["computed"] = [*session["computed"], spec.id]

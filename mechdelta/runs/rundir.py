@@ -16,10 +16,14 @@ written by :func:`mechdelta.runs._store.save_analysis`).
                                   overlap and both halves' scores, safetensors + JSON
                                   (:func:`mechdelta.stats.reliability.save_reliability`)
         control/                  the same sweep on the experiment's control pair ([control])
+      results/.partial/<id>/      a series analysis' finished pairs while it runs (pair_<k>/ +
+                                  done.json each; removed once the analysis is stored): a
+                                  resumed run skips them
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
                                   more figures of one analysis are <id>.<what>.json (see
                                   :func:`result_figures`: <id>.verification, <id>.reliability,
-                                  a circuit's faithfulness curve <id>.curve)
+                                  a circuit's faithfulness curve <id>.curve, a series'
+                                  trajectories at the series' scale <id>.series)
       report.md, report.html      from ``mechdelta report RUN``
       .mechdelta.lock             exists while a process writes the directory: holds an exclusive
                                   lock (pid, host, command inside; see mechdelta.runs._lock)
@@ -72,6 +76,7 @@ VERIFICATION = "verification"
 VERIFICATION_TABLE = "verification.parquet"
 RELIABILITY = "reliability"
 CONTROL = "control"
+PARTIAL = ".partial"
 _ANALYSIS_FORMAT = "mechdelta-analysis"
 _MANIFEST_KEYS = ("format", "format_version", "status", "config", "models", "task", "analyses")
 
@@ -81,6 +86,7 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
     from mechdelta.attribution._edge_result import EdgeAttribution
     from mechdelta.attribution.results import AttributionResult
     from mechdelta.circuits.circuit import Circuit
+    from mechdelta.circuits.series_result import SeriesCircuits, SeriesResult
     from mechdelta.core.weights import WeightDiff
     from mechdelta.patching.results import PatchResult, SweepResult
     from mechdelta.patching.shift import FactorialResult, ShiftResult
@@ -95,6 +101,8 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
         "FactorialResult": FactorialResult.load,
         "WeightDiff": WeightDiff.load,
         "Circuit": Circuit.load,
+        "SeriesResult": SeriesResult.load,
+        "SeriesCircuits": SeriesCircuits.load,
     }
 
 
@@ -173,7 +181,8 @@ def result_figures(
     ``<id>.curve`` (both directions: ``<id>.r2i``, ``<id>.r2i.curve``, ``<id>.i2r``, ...). An attribution verified against exact patching adds
     the estimated-vs-exact scatter, ``<id>.verification`` (``<id>.verification.r2i`` and
     ``.i2r`` for both directions). With a stored split-half ``reliability``, ``<id>.reliability``
-    (one panel per direction). Sweep heat maps grey the sites not significant at ``alpha``.
+    (one panel per direction). A series: see :func:`mechdelta.runs._series.series_figure_sources`.
+    Sweep heat maps grey the sites not significant at ``alpha``.
     Built from the result alone: the same stored result gives the same figures.
     """
     out = {name: _figure(source, alpha) for name, source in _figure_sources(analysis_id, result)}
@@ -206,7 +215,10 @@ def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
     from mechdelta.attribution._edge_result import EdgeAttribution
     from mechdelta.circuits.circuit import Circuit
     from mechdelta.patching.results import BothDirections
+    from mechdelta.runs._series import series_figure_sources
 
+    if (series := series_figure_sources(analysis_id, result)) is not None:
+        return series
     parts = _parts(result)
     out: list[tuple[str, Any]] = []
     if isinstance(parts[0], Circuit):
