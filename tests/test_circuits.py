@@ -24,11 +24,15 @@ METHODS = ("greedy", "acdc", "attribution")
 def _score(semantics: str, pair, task, members, direction=I2R) -> float:
     """An independent exact evaluation of a node circuit (graft / patch) or edge circuit."""
     members = list(members)
-    if semantics == "graft":
-        return md.graft(pair, task, members, direction, n_boot=N_BOOT).score
-    if semantics == "splice" and not any(isinstance(m, Edge) or "->" in str(m) for m in members):
-        return md.patch(pair, task, [str(m) for m in members], direction, n_boot=N_BOOT).score
-    return md.patch_edges(pair, task, members, direction, semantics=semantics, n_boot=N_BOOT).score
+    edges = any(isinstance(m, Edge) or "->" in str(m) for m in members)
+    if semantics == "graft" and not edges:
+        res = md.graft(pair, task, members, direction, n_boot=N_BOOT)
+    elif semantics == "splice" and not edges:
+        res = md.patch(pair, task, [str(m) for m in members], direction, n_boot=N_BOOT)
+    else:
+        res = md.patch_edges(pair, task, members, direction, semantics=semantics, n_boot=N_BOOT)
+    assert isinstance(res, md.PatchResult)
+    return res.score
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +177,22 @@ def test_induction_ablate_circuit_needs_l0h3_k_composition(induction):
     assert min(c.minimality) >= -1e-6 or c.faithfulness > 1  # pruned: every member is needed
 
 
+def test_induction_graft_reference_to_intervened_needs_l0h3_k_composition(induction):
+    """Edge-level graft, reference->intervened: a small circuit with ``L0H3 -> L1Hx.k`` (the
+    issue's independent implementation: 6 edges incl. ``L0H3 -> L1H1.k``), which dropping the
+    k edges breaks; the ranking is the graft first-order estimate."""
+    task = induction.task
+    sub = md.Task(task.prompts[:8], metric="loss", loss_mask=task.loss_mask[:8], name="sub")
+    pair = induction.pair
+    c = search_circuit(pair, sub, level="edge", direction=R2I, semantics="graft", target=0.9)
+    assert c.reached and c.semantics == "graft"
+    assert c.provenance["ranking"].startswith("graft first order")
+    assert c.faithfulness == pytest.approx(_score("graft", pair, sub, c.members, R2I), abs=1e-5)
+    k = _k_edges(c.edges)
+    assert k, c.names
+    assert _score("graft", pair, sub, [m for m in c.members if m not in k], R2I) < 0.9
+
+
 # --- the Circuit object ----------------------------------------------------------------------------
 
 
@@ -207,6 +227,35 @@ def test_edge_circuit_round_trip_and_figure(planted, tmp_path):
     assert set(back.to_dataframe()["member"]) == {str(e) for e in c.edges}
 
 
+def test_edge_graft_circuit_holds_unembed_round_trip_and_figure(tmp_path):
+    """A pair differing in one head and the final norm + unembedding: the edge-level graft
+    circuit needs the pseudo-member ``unembed``; it survives save / load, the data frame, the
+    figure, and the faithfulness equals an independent patch_edges graft of the members."""
+
+    def perturb(m):
+        sd = m.state_dict()
+        for i, key in enumerate(["unembed.weight", "ln_final.weight", "blocks.1.attn.v.weight"]):
+            t = sd[key] if key != "blocks.1.attn.v.weight" else sd[key][16:32]
+            t += 1.5 * float(t.std() + 0.1) * torch.randn(t.shape, generator=_gen(20 + i))
+
+    pair = md.ModelPair(*_builders.native_pair(perturb))
+    task = contrast_task(pair, random_tokens(6, 6, int(pair.cfg.d_vocab), seed=3))
+    c = search_circuit(pair, task, level="edge", semantics="graft", method="greedy", target=0.9)
+    assert c.reached and c.unembed and c.members[-1] == Node("logits")
+    assert c.names[-1] == "unembed" and len(c.minimality) == len(c.members)
+    assert c.faithfulness == pytest.approx(_score("graft", pair, task, c.members), abs=1e-5)
+    assert c.faithfulness == pytest.approx(_score("graft", pair, task, c.names), abs=1e-5)
+    c.save(tmp_path / "g")
+    back = Circuit.load(tmp_path / "g")
+    assert back.unembed and back.members == c.members and back.names == c.names
+    assert back.minimality == c.minimality
+    df = back.to_dataframe()
+    assert df["member"].tolist()[-1] == "unembed" and df["kind"].tolist()[-1] == "unembed"
+    fig = back.figure()
+    assert "unembed" in [t for tr in fig.data if tr.text is not None for t in tr.text]
+    assert "unembed" in str(back)
+
+
 def test_unembed_is_a_graft_node(planted, tmp_path):
     pair, task = planted
     c = search_circuit(pair, task, method="greedy", semantics="graft", target=0.9)
@@ -222,7 +271,7 @@ def test_unembed_is_a_graft_node(planted, tmp_path):
     [
         ({"target": 0.0}, "target"),
         ({"target": 1.5}, "target"),
-        ({"level": "edge", "semantics": "graft"}, "'splice' or 'ablate'"),
+        ({"level": "edge", "semantics": "graf"}, "'ablate' or 'graft'"),
         ({"level": "node", "semantics": "ablate"}, "available at level='edge'"),
         ({"method": "beam"}, "attribution, acdc, greedy"),
         ({"level": "path"}, "node, edge"),

@@ -333,7 +333,7 @@ def test_batched_circuits_equal_separate_calls(name, combos, request) -> None:
 
 def test_result_fields(native) -> None:
     task = _task(native)
-    edges = ["L1H2 -> logits", Edge.parse("embed -> L0H1.q"), "MLP0 -> L2H3.k"]
+    edges: list[Edge | str] = ["L1H2 -> logits", Edge.parse("embed -> L0H1.q"), "MLP0 -> L2H3.k"]
     both = patch_edges(native, task, edges, "both", semantics="ablate", n_boot=N_BOOT)
     assert isinstance(both, BothDirections)
     for result, d in zip(both, DIRECTIONS, strict=True):
@@ -358,7 +358,7 @@ def test_bad_input_raises_typed_errors(native, request) -> None:
             patch_edges(native, task, [bad], n_boot=N_BOOT)
     with pytest.raises((SiteError, TypeError)):  # TypeError: the test suite's runtime type checks
         patch_edges(native, task, [3], n_boot=N_BOOT)  # type: ignore[list-item]
-    for semantics in ("splce", "", "graft"):
+    for semantics in ("splce", "", "graf"):
         with pytest.raises(ConfigError, match="semantics"):
             patch_edges(native, task, ["L0H0 -> logits"], semantics=semantics, n_boot=N_BOOT)
     with pytest.raises(ConfigError):

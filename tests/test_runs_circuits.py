@@ -90,7 +90,7 @@ def _copy(base: Path, tmp_path: Path) -> Path:
         ("component = 'head_out'", "unknown key 'component'"),
         ("level = 'graph'", "unknown level 'graph'"),
         ("method = 'eap'", "unknown method 'eap'"),
-        ("level = 'edge'\nsemantics = 'graft'", "not available for level='edge'"),
+        ("level = 'node'\nsemantics = 'ablate'", "not available for level='node'"),
         ("semantics = 'patch'", "semantics 'patch' is not available"),
         ("target = 0", r"target must be a fraction of the shift in \(0, 1\]"),
         ("target = 1.5", r"target must be a fraction of the shift in \(0, 1\]"),

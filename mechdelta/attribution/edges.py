@@ -189,8 +189,21 @@ def _weights(engine: Any, which: str) -> _Weights:
 
 
 def _attribute(
-    engine: Any, graph: Graph, direction: Direction, method: str, steps: int, shift: ShiftResult
+    engine: Any,
+    graph: Graph,
+    direction: Direction,
+    method: str,
+    steps: int,
+    shift: ShiftResult,
+    *,
+    writes: Callable[[slice], Tensor] | None = None,
 ) -> EdgeAttribution:
+    """One direction's scores. ``writes(rows)``: instead of (source clean write - target clean
+    write), each sender's write difference ``[sender, batch, pos, d_model]`` for those prompts
+    (graph sender order; e.g. graft writes on the target's clean inputs), with no ``b_O`` term
+    (the biases stay the target's); ``"eap"`` only."""
+    if writes is not None and method != "eap":
+        raise ConfigError("custom sender writes take method='eap' (one gradient pass)")
     src_model = engine.states[direction.source].runner.model
     tgt_model = engine.states[direction.target].runner.model
     pos = str(getattr(engine.pair.cfg, "positional_embedding_type", "standard")) == "standard"
@@ -198,6 +211,8 @@ def _attribute(
     w_src = _weights(engine, direction.source)
     w_tgt = _weights(engine, direction.target)
     d_bias = (w_src.b_o - w_tgt.b_o).float()
+    if writes is not None:
+        d_bias = torch.zeros_like(d_bias)
     n_prompts = engine.prepared.batch_size
     chunk = engine.budget
     edges = graph_edges(graph.shape, parallel=graph.parallel)
@@ -207,12 +222,16 @@ def _attribute(
     for b0 in range(0, n_prompts, chunk):
         rows = slice(b0, min(b0 + chunk, n_prompts))
         tokens = engine.tokens[rows]
-        s_vals = _capture(src_model, tokens, layout.values())
         t_vals = _capture(tgt_model, tokens, layout.values())
+        s_vals = t_vals if writes is not None else _capture(src_model, tokens, layout.values())
         if b0 == 0:
-            _check_decomposition(s_vals, w_src, layout, direction.source)
+            if writes is None:
+                _check_decomposition(s_vals, w_src, layout, direction.source)
             _check_decomposition(t_vals, w_tgt, layout, direction.target)
-        d_writes = _writes(s_vals, w_src, layout) - _writes(t_vals, w_tgt, layout)
+        if writes is None:
+            d_writes = _writes(s_vals, w_src, layout) - _writes(t_vals, w_tgt, layout)
+        else:
+            d_writes = writes(rows).to(t_vals[layout.final].device).float()
         inputs = engine.inputs.select(rows)
         positions = inputs.positions
         for weight, grads, vals in _passes(

@@ -11,7 +11,9 @@ API stacks them, and remembering each circuit's values so that no circuit is run
 - node ``"splice"``: the source run's cached writes of the members (``head_out``, ``mlp_out``,
   ``embed`` sites) spliced jointly into the target run (:class:`~mechdelta.patching._engine.
   PatchEngine`), circuits stacked along the batch.
-- edge ``"splice"`` / ``"ablate"``: :class:`~mechdelta.patching.edges.EdgePatcher`, circuits stacked.
+- edge ``"splice"`` / ``"ablate"`` / ``"graft"``: :class:`~mechdelta.patching.edges.EdgePatcher`,
+  circuits stacked. Under graft the members are the graph's edges plus ``Node("logits")``, the
+  pseudo-member ``unembed`` (the source's final norm + unembedding).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def node_site(node: Node) -> Site:
 
 
 def member_name(member: Member, level: str) -> str:
-    """A member's display name (``unembed`` for ``Node('logits')`` at node level)."""
-    if level == "node" and isinstance(member, Node) and member.kind == "logits":
+    """A member's display name (``unembed`` for ``Node('logits')``: a member, never a receiver)."""
+    if isinstance(member, Node) and member.kind == "logits":
         return "unembed"
     return str(member)
 
@@ -81,7 +83,10 @@ class Evaluator:
             from mechdelta.patching.edges import EdgePatcher
 
             self._patcher = EdgePatcher(pair, task, engine=self.engine)
-            self.members: tuple[Member, ...] = tuple(self.graph.edges)
+            edges: list[Member] = list(self.graph.edges)
+            if semantics == "graft":
+                edges.append(Node("logits"))  # unembed: the final norm + unembedding
+            self.members: tuple[Member, ...] = tuple(edges)
         else:
             nodes = [n for n in self.graph.nodes if n.kind != "logits"]
             if semantics == "graft":

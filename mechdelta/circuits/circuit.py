@@ -33,9 +33,15 @@ class CircuitNotFaithfulWarning(UserWarning):
 
 
 def _name(member: Node | Edge, level: str) -> str:
-    if level == "node" and isinstance(member, Node) and member.kind == "logits":
+    """A *member*'s name: ``Node("logits")`` as a member is always ``unembed``."""
+    if isinstance(member, Node) and member.kind == "logits":
         return "unembed"
     return str(member)
+
+
+def _node_name(node: Node, level: str) -> str:
+    """A node of :attr:`Circuit.nodes`: ``unembed`` at node level, ``logits`` at edge level."""
+    return "unembed" if level == "node" and node.kind == "logits" else str(node)
 
 
 def _parse_node(text: str) -> Node:
@@ -48,7 +54,10 @@ class Circuit:
 
     - ``nodes``: at node level the members (``Node("logits")`` is the final norm + unembedding,
       shown as ``unembed``); at edge level every node an edge touches.
-    - ``edges``: the members at edge level, empty at node level.
+    - ``edges``: the edges among the members at edge level, empty at node level.
+    - ``unembed``: whether the graft pseudo-member ``unembed`` (the source's final norm +
+      unembedding, ``Node("logits")``) is a member (at node level it is also in ``nodes``; at
+      edge level it is the last of :attr:`members`).
     - ``per_prompt``: the task metric per prompt of the hybrid run with the circuit.
     - ``curve``: ``(size, faithfulness)`` along the ranking the search used (greedy: its picks;
       attribution: prefixes of the ranking; acdc: the circuits left as it pruned), by size.
@@ -73,13 +82,24 @@ class Circuit:
     reached: bool
     ceiling: float = float("nan")
     provenance: dict[str, Any] = field(default_factory=dict)
+    unembed: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.minimality) != len(self.members):
+            raise ResultFormatError(
+                f"a circuit of {len(self.members)} members needs {len(self.members)} minimality "
+                f"values, got {len(self.minimality)}"
+            )
 
     # --- derived ------------------------------------------------------------------------------
 
     @property
     def members(self) -> tuple[Node | Edge, ...]:
-        """The circuit's members: its nodes at node level, its edges at edge level."""
-        return self.edges if self.level == "edge" else self.nodes
+        """The circuit's members: its nodes at node level, its edges (then ``Node("logits")``
+        when :attr:`unembed`) at edge level."""
+        if self.level == "edge":
+            return (*self.edges, Node("logits")) if self.unembed else self.edges
+        return self.nodes
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -167,7 +187,7 @@ class Circuit:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the circuit to a directory (safetensors + JSON, never pickle)."""
         meta = {
-            "nodes": [_name(n, self.level) for n in self.nodes],
+            "nodes": [_node_name(n, self.level) for n in self.nodes],
             "edges": [str(e) for e in self.edges],
             "level": self.level,
             "semantics": self.semantics,
@@ -178,6 +198,7 @@ class Circuit:
             "minimality": list(self.minimality),
             "reached": self.reached,
             "ceiling": self.ceiling,
+            "unembed": self.unembed,
             "provenance": self.provenance,
             "shift": self.shift._meta(),
         }
@@ -206,6 +227,7 @@ class Circuit:
                 reached=bool(meta["reached"]),
                 ceiling=float(meta["ceiling"]),
                 provenance=meta.get("provenance", {}),
+                unembed=bool(meta.get("unembed", False)),
             )
         except (*_MALFORMED, ResultFormatError) as exc:
             raise ResultFormatError(f"{os.fspath(path)!r} is not a valid circuit: {exc!r}") from exc

@@ -31,7 +31,17 @@ A search that does not reach the target returns the full graph (``max_size``: th
 found within that size) with ``reached=False`` and a :class:`CircuitNotFaithfulWarning`. Under
 ``"splice"`` the target model's final norm and unembedding always run, and (edge splice) each
 receiver reads the target's attention output biases, so even the full graph may reproduce only
-part of the shift (its ``ceiling``); at node level ``"graft"`` has the ``unembed`` node for this.
+part of the shift (its ``ceiling``); ``"graft"`` has the ``unembed`` member for this at both
+levels (node level: the node ``unembed``; edge level: the pseudo-member ``unembed`` next to the
+edges, :attr:`Circuit.unembed`). Under graft each layer's ``ln1`` and attention output bias stay
+the target's, so the full graph is the source run only where those agree.
+
+Semantics (:func:`~mechdelta.patch_edges` states them exactly): node ``"graft"`` transplants the
+members' parameters into the target; node ``"splice"`` splices the members' cached writes; edge
+``"splice"`` carries the source run's cached sender writes along circuit edges; edge ``"ablate"``
+runs the source with the target's cached writes on every edge outside the circuit; edge
+``"graft"`` computes the sender of each circuit edge with the source's parameters on its own
+hybrid inputs (every other edge with the target's).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ __all__ = ["LEVELS", "METHODS", "SEMANTICS", "search_circuit"]
 
 LEVELS = ("node", "edge")
 METHODS = ("attribution", "acdc", "greedy")
-SEMANTICS = {"node": ("graft", "splice"), "edge": ("splice", "ablate")}
+SEMANTICS = {"node": ("graft", "splice"), "edge": ("splice", "ablate", "graft")}
 
 
 def _choice(name: str, value: Any, options: Sequence[str], hint: str = "") -> str:
@@ -106,12 +116,14 @@ def search_circuit(
     Args:
         pair, task: a :class:`~mechdelta.ModelPair` and a :class:`~mechdelta.Task`.
         level: ``"node"`` (members: embed, heads, MLPs, and under graft ``unembed``) or
-            ``"edge"`` (members: the edges of :class:`~mechdelta.Graph`).
+            ``"edge"`` (members: the edges of :class:`~mechdelta.Graph`, and under graft the
+            pseudo-member ``unembed``).
         method: ``"attribution"``, ``"acdc"`` or ``"greedy"``.
         direction: ``"intervened->reference"`` (the source = intervened) or
             ``"reference->intervened"``.
-        semantics: node level ``"graft"`` or ``"splice"``; edge level ``"splice"`` or
-            ``"ablate"`` (edge graft is not available).
+        semantics: node level ``"graft"`` or ``"splice"``; edge level ``"splice"``,
+            ``"ablate"`` or ``"graft"``. ``"attribution"`` ranks by a first-order estimate of
+            the same semantics (:mod:`mechdelta.circuits._rank`).
         target: the faithfulness to reach, in (0, 1]; reached when f lies in
             ``[target, 2 - target]``.
         max_size: the largest circuit greedy / attribution grow (acdc: a result larger than
@@ -175,6 +187,7 @@ def search_circuit(
     result = Circuit(
         nodes=_nodes(members, lv),
         edges=tuple(x for x in members if isinstance(x, Edge)),
+        unembed=Node("logits") in members,
         level=lv,
         semantics=s,
         direction=d,
@@ -204,8 +217,14 @@ def _ceiling_note(level: str, semantics: str) -> str:
     if semantics == "splice":
         return (
             "Under splice the target's final norm and unembedding (and attention output biases) "
-            "always run, so even the full graph may carry only part of the shift"
-            + ("; node-level graft has an 'unembed' node." if level == "node" else ".")
+            "always run, so even the full graph may carry only part of the shift; graft has an "
+            "'unembed' member."
+        )
+    if semantics == "graft":
+        return (
+            "Under graft each layer's ln1 and attention output bias stay the target's, so the "
+            "full graph is the source run only where those agree. Lower the target or check the "
+            "pair's shift."
         )
     return "Lower the target or check the pair's shift."
 
@@ -215,7 +234,9 @@ def _nodes(members: list[Member], level: str) -> tuple[Node, ...]:
         return tuple(x for x in members if isinstance(x, Node))
     seen: dict[Node, None] = {}
     for e in members:
-        assert isinstance(e, Edge)
+        if isinstance(e, Node):  # the graft pseudo-member unembed: the logits node
+            seen[e] = None
+            continue
         seen[e.sender] = None
         seen[e.receiver] = None
     return tuple(sorted(seen, key=lambda n: (n.rank, n.head or 0)))
@@ -314,7 +335,8 @@ def _backwards(members: Sequence[Member], level: str) -> list[Member]:
     if level == "node":
         return sorted(members, key=lambda n: (-n.rank, -(n.head or 0)))  # type: ignore[union-attr]
     receivers: dict[str, list[Edge]] = {}
+    first: list[Member] = [m for m in members if isinstance(m, Node)]  # unembed, at the output
     for e in members:
-        assert isinstance(e, Edge)
-        receivers.setdefault(e.receiver_input, []).append(e)
-    return [e for edges in reversed(receivers.values()) for e in reversed(edges)]
+        if isinstance(e, Edge):
+            receivers.setdefault(e.receiver_input, []).append(e)
+    return first + [e for edges in reversed(receivers.values()) for e in reversed(edges)]

@@ -24,6 +24,11 @@ Live writes are captured in the same pass: ``hook_embed`` (+ ``hook_pos_embed``)
 ``hook_z @ W_O[h]``, ``hook_mlp_out``. Variants (edge sets) are stacked along the batch
 (variant-major rows ``v * B + b``); a receiver input is edited only in the rows of variants that
 redirect at least one edge into it, and those rows get exactly 0 added otherwise.
+
+The ``"graft"`` semantics (:mod:`mechdelta.patching._edge_graft`) subclasses :class:`_Pass`: the
+other write of a sender is then computed in the same pass (the source's parameters on the
+sender's own hybrid inputs), and heads need extra *shadow* rows appended after the ``V * B``
+hybrid rows; every hook here edits and captures the hybrid rows only (``rows[:V * B]``).
 """
 
 from __future__ import annotations
@@ -96,14 +101,19 @@ class _Pass:
         self.fired = fired
         self.group = graph.shape.group_size
         self.raw: dict[str, Tensor] = {}
+        self.mlp_delta: dict[int, Tensor] = {}  # per MLP receiver, its input's Δ [VB, pos, d]
         self.diffs: dict[Node, Tensor] = {}  # [V, B, pos, d_model]
         self.busy = False  # set while a hook calls a norm module (its hooks fire again)
+        self.n_rows = self.n_v * n_b  # hybrid rows; a graft pass appends shadow rows after them
+
+    #: whether the pass computes the other writes itself (graft: see ``_edge_graft``)
+    graft = False
 
     # --- hooks -----------------------------------------------------------------------------
 
     def capture(self, name: str, key: str, x: Tensor, hook: Any = None) -> None:
         if not self.busy:
-            self.raw[key] = x
+            self.raw[key] = x[: self.n_rows]
             self.fired.add(name)
 
     def edit_heads(
@@ -111,7 +121,7 @@ class _Pass:
     ) -> Tensor | None:
         """Each receiver head's slice of ``hook_q/k/v`` gets its own residual copy's projection
         difference ``(ln1(resid + Δ) - ln1(resid)) @ W[h]``."""
-        if self.busy:
+        if self.busy or not receivers:
             return None
         w = self.w_in[which][layer]
         if x.shape[2] != w.shape[0]:
@@ -126,8 +136,9 @@ class _Pass:
         n = self.normed(self.model.blocks[layer].ln1, resid, d, rows)  # [R, VB, pos, d_model]
         proj = torch.einsum("rbpd,rde->rbpe", n, w[index].to(n.dtype))
         out = x.clone()
+        k = self.n_rows
         for r, h in enumerate(index):
-            out[:, :, h] = out[:, :, h] + proj[r].to(x.dtype)
+            out[:k, :, h] = out[:k, :, h] + proj[r].to(x.dtype)
         self.fired.add(name)
         return out
 
@@ -137,7 +148,8 @@ class _Pass:
             return None
         d, rows = self.delta([f"MLP{layer}"], x)
         ln2 = self.model.blocks[layer].ln2
-        out = x + self.normed(ln2, self.raw[f"resid2.{layer}"], d, rows)[0].to(x.dtype)
+        self.mlp_delta[layer] = d[0] * rows[0]
+        out = _add_rows(x, self.normed(ln2, self.raw[f"resid2.{layer}"], d, rows)[0].to(x.dtype))
         self.fired.add(name)
         return out
 
@@ -147,7 +159,7 @@ class _Pass:
             return None
         d, rows = self.delta(["logits"], x)
         self.fired.add(name)
-        return x + (d[0] * rows[0]).to(x.dtype)
+        return _add_rows(x, (d[0] * rows[0]).to(x.dtype))
 
     # --- arithmetic ------------------------------------------------------------------------
 
@@ -162,6 +174,11 @@ class _Pass:
         z = self.raw[f"z.{node.layer}"][:, :, node.head]
         return z @ self.w_o[node.layer][node.head].to(z.dtype)
 
+    def other_write(self, node: Node, live: Tensor) -> Tensor:
+        """The write a redirected edge carries instead of ``live``, ``[V or 1, B, pos, d]``:
+        here the other model's cached clean write (splice, ablate)."""
+        return self.cached[node][None]
+
     def delta(self, receivers: list[str], like: Tensor) -> tuple[Tensor, Tensor]:
         """Per receiver input, Σ over its redirected edges of (cached - live write), [R, VB,
         pos, d_model], and per receiver the rows that redirect anything, [R, VB, 1, 1]."""
@@ -173,7 +190,7 @@ class _Pass:
             if s not in self.diffs:
                 live = self.live_write(s)
                 shape = (self.n_v, self.n_b, *live.shape[1:])
-                self.diffs[s] = self.cached[s][None].to(live.dtype) - live.reshape(shape)
+                self.diffs[s] = self.other_write(s, live).to(live.dtype) - live.reshape(shape)
         stack = torch.stack([self.diffs[senders[i]] for i in cols])  # [S, V, B, pos, d]
         d = torch.einsum("rvs,svbpd->rvbpd", masks[:, :, cols], stack)
         active = masks.any(-1).to(like.dtype)  # [R, V]
@@ -188,6 +205,13 @@ class _Pass:
             return (norm(base + d) - norm(base)) * rows
         finally:
             self.busy = False
+
+
+def _add_rows(x: Tensor, add: Tensor) -> Tensor:
+    """``x`` with ``add`` added to its first ``len(add)`` rows (the hybrid rows)."""
+    if x.shape[0] == add.shape[0]:
+        return x + add
+    return torch.cat([x[: add.shape[0]] + add, x[add.shape[0] :]])
 
 
 def _head(receiver: str) -> int:
@@ -206,12 +230,16 @@ def hybrid_hooks(
     pos_embed: bool,
     n_b: int,
     fired: set[str],
+    *,
+    run: _Pass | None = None,
 ) -> list[Hook]:
     """Hooks for one stacked forward of ``model``: captures of live writes and residuals, edits
     of the receiver inputs in ``plan``. ``cached``: the other model's write per sender (the
     chunk's prompts); ``w_in``: per ``"q"``/``"k"``/``"v"`` and layer ``[head, d_model, d_head]``;
-    ``w_o``: per layer ``[head, d_head, d_model]`` of ``model``."""
-    run = _Pass(model, graph, plan, cached, w_in, w_o, pos_embed, n_b, fired)
+    ``w_o``: per layer ``[head, d_head, d_model]`` of ``model``. ``run``: a prepared pass (a
+    graft pass) instead of the plain one built from these arguments."""
+    if run is None:
+        run = _Pass(model, graph, plan, cached, w_in, w_o, pos_embed, n_b, fired)
     senders = set(plan.senders)
     hooks: list[Hook] = []
 
@@ -223,16 +251,20 @@ def hybrid_hooks(
             x: [r for r in plan.masks if r.startswith(f"L{layer}H") and r.endswith(f".{x}")]
             for x in "qkv"
         }
-        if any(heads.values()):
+        head_senders = any(s.kind == "head" and s.layer == layer for s in senders)
+        shadow = run.graft and head_senders  # graft: the shadow rows' q/k/v are set here
+        if any(heads.values()) or shadow:
             capture(f"blocks.{layer}.ln1.hook_in", f"resid1.{layer}")
         for x, receivers in heads.items():
-            if receivers:
+            if receivers or shadow:
                 name = f"blocks.{layer}.attn.hook_{x}"
                 hooks.append((name, partial(run.edit_heads, name, x, layer, receivers)))
-        if any(s.kind == "head" and s.layer == layer for s in senders):
+        if head_senders:
             capture(f"blocks.{layer}.attn.hook_z", f"z.{layer}")
-        if f"MLP{layer}" in plan.masks:
+        mlp_graft = run.graft and Node("mlp", layer) in senders
+        if f"MLP{layer}" in plan.masks or mlp_graft:
             capture(f"blocks.{layer}.ln2.hook_in", f"resid2.{layer}")
+        if f"MLP{layer}" in plan.masks:
             name = f"blocks.{layer}.mlp.hook_in"
             hooks.append((name, partial(run.edit_mlp, name, layer)))
         if Node("mlp", layer) in senders:

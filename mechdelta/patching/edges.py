@@ -13,7 +13,14 @@ way), :func:`patch_edges` offers these semantics:
   (the residual stream itself is not edited). Edges not in the circuit carry live values.
 - ``"ablate"`` (ACDC-style): S runs; every edge *outside* the circuit carries T's cached sender
   write (from T's clean run); circuit edges carry the hybrid's own (live) values.
-- ``"graft"``: not available yet (raises :class:`~mechdelta.ConfigError`).
+- ``"graft"``: T runs; along a circuit edge ``X -> R.input`` the sender X is computed with S's
+  *parameters* (on X's own hybrid inputs in this run), along every other edge with T's: the
+  receiver input = T's live residual + Σ over circuit edges into it of (graftwrite_X - live
+  write_X), where graftwrite_X is X recomputed with S's parameters on the same hybrid inputs its
+  live write used. A head takes S's Q/K/V (+ biases; under GQA its key/value group's K/V) and
+  W_O slices, the layer's ``ln1`` and ``b_O`` stay T's; an MLP takes S's weights and ``ln2``;
+  ``embed`` S's embeddings. The pseudo-member ``unembed`` (``Node("logits")``; only under graft)
+  makes the final norm + unembedding S's. See :mod:`mechdelta.patching._edge_graft`.
 
 Writes: ``embed`` = token (+ learned position) embedding, a head ``z_h @ W_O[h]`` (no bias), an
 MLP its output (its biases included). The attention output bias ``b_O`` is not a node: it stays
@@ -25,7 +32,11 @@ unembedding applied to ``S's final residual - Σ S's b_O + Σ T's b_O`` (S's run
 the final norm, unembedding and ``b_O`` agree: that is the ceiling of the splice semantics). Under
 ``"ablate"`` the full circuit is S's clean run and the empty circuit feeds every receiver Σ T's
 writes + S's ``b_O``: S's final norm and unembedding on ``T's final residual - Σ T's b_O + Σ S's
-b_O``.
+b_O``. Under ``"graft"`` the empty circuit is T's clean run and the full circuit (every edge +
+``unembed``) equals node-level :func:`~mechdelta.patching.graft.graft` of every node (embed,
+heads, MLPs, unembed): T with every parameter from S except each layer's ``ln1`` and ``b_O``.
+That is S's run only where ``ln1`` and ``b_O`` agree; a single edge from a sender whose inputs
+are the same in both runs (``embed -> ...``) equals the single-edge splice.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from mechdelta.attribution.edges import _check_decomposition, _Layout, _Weights,
 from mechdelta.core.directions import Direction
 from mechdelta.core.graph import Edge, Graph, Node
 from mechdelta.errors import AttributionError, ConfigError, PatchingError, SiteError
+from mechdelta.patching import _edge_graft
 from mechdelta.patching._edge_hooks import HybridPlan, hybrid_hooks
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import BothDirections, PatchResult
@@ -56,7 +68,8 @@ SEMANTICS = ("splice", "ablate", "graft")
 # What was verified on each model object (the graph's premises, hooks that take edits): these are
 # properties of the architecture and its bridge, checked once per model and forgotten with it.
 _VERIFIED: weakref.WeakKeyDictionary[Any, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
-_AVAILABLE = ("splice", "ablate")
+_AVAILABLE = SEMANTICS
+_UNEMBED = Node("logits")
 
 
 def as_edges(
@@ -82,6 +95,36 @@ def as_edges(
     return frozenset(out)
 
 
+def split_members(
+    items: Edge | Node | str | Iterable[Edge | Node | str],
+    graph: Graph,
+    known: frozenset[Edge],
+    semantics: str,
+) -> tuple[frozenset[Edge], bool]:
+    """The edges of a circuit and whether it holds the graft pseudo-member ``unembed`` (the
+    string ``"unembed"`` or ``Node("logits")``; ConfigError under other semantics)."""
+    if isinstance(items, (Edge, Node, str)):
+        items = [items]
+    edges: list[Edge | str] = []
+    unembed = False
+    for x in items:
+        if x == _UNEMBED or (isinstance(x, str) and x.strip().lower() == "unembed"):
+            if semantics != "graft":
+                raise ConfigError(
+                    f"'unembed' (the final norm + unembedding) is a circuit member only under "
+                    f"semantics='graft', not {semantics!r}: drop it or use semantics='graft'"
+                )
+            unembed = True
+        elif isinstance(x, Node):
+            raise SiteError(
+                f"{x} is a node, not an edge: give edges like '{x} -> logits' (only the graft "
+                "pseudo-member 'unembed' = Node('logits') may stand alone)"
+            )
+        else:
+            edges.append(x)
+    return as_edges(edges, graph, known), unembed
+
+
 def check_semantics(semantics: str) -> str:
     s = str(semantics).strip().lower()
     if s not in SEMANTICS:
@@ -98,7 +141,7 @@ def check_semantics(semantics: str) -> str:
 def patch_edges(
     pair: Any,
     task: Any,
-    edges: Edge | str | Iterable[Edge | str],
+    edges: Edge | Node | str | Iterable[Edge | Node | str],
     direction: Direction | str = Direction.REFERENCE_TO_INTERVENED,
     *,
     semantics: str = "splice",
@@ -118,32 +161,40 @@ def patch_edges(
     - ``"ablate"`` (ACDC-style): the source model S runs; every edge *outside* the circuit
       carries T's cached sender write (T's clean run); circuit edges carry the hybrid's own
       (live) values.
-    - ``"graft"``: not available yet (ConfigError).
+    - ``"graft"``: T runs; along each circuit edge ``X -> R.input`` the sender X is computed
+      with S's parameters on X's own hybrid inputs (a head: S's Q/K/V/O slices and biases with
+      T's ``ln1``; an MLP: S's weights and ``ln2``; embed: S's embeddings), along every other
+      edge with T's. The member ``"unembed"`` (or ``Node("logits")``) makes the final norm and
+      unembedding S's. Empty circuit: T's clean run; every edge + unembed: node-level
+      :func:`~mechdelta.graft` of every node (S's run where ``ln1`` and ``b_O`` agree).
 
     The attention output bias ``b_O`` is not a node and stays with the live run.
 
     Args:
         pair, task: a :class:`~mechdelta.ModelPair` and a :class:`~mechdelta.Task`.
-        edges: Edges or strings (``"L0H3 -> L1H1.k"``, ``"MLP0 -> logits"``); may be empty.
+        edges: Edges or strings (``"L0H3 -> L1H1.k"``, ``"MLP0 -> logits"``), and under graft
+            ``"unembed"`` / ``Node("logits")``; may be empty.
         direction: ``"reference->intervened"`` (source = reference, target = intervened),
             ``"intervened->reference"``, or ``"both"`` (a :class:`~mechdelta.BothDirections`).
-        semantics: ``"splice"`` or ``"ablate"``.
+        semantics: ``"splice"``, ``"ablate"`` or ``"graft"``.
         n_boot, alpha, seed: the bootstrap of the score's interval.
         batch_budget: rows per forward (default: the patching engine's).
 
-    Returns a :class:`~mechdelta.PatchResult` with ``sites=()``, the edges (strings, graph order)
-    in ``provenance["edges"]`` and the semantics in ``provenance["semantics"]``.
+    Returns a :class:`~mechdelta.PatchResult` with ``sites=()``, the edges (strings, graph order;
+    ``"unembed"`` last when present) in ``provenance["edges"]`` and the semantics in
+    ``provenance["semantics"]``.
     """
     s = check_semantics(semantics)
     d = Direction.coerce(direction)
     patcher = EdgePatcher(pair, task, batch_budget=batch_budget)
-    circuit = as_edges(edges, patcher.graph, patcher.all_edges)
+    circuit, unembed = split_members(edges, patcher.graph, patcher.all_edges, s)
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(patcher.engine, boot)
-    names = [str(e) for e in patcher.graph.edges if e in circuit]
+    names = [str(e) for e in patcher.graph.edges if e in circuit] + (["unembed"] if unembed else [])
+    members: list[Edge | Node] = [*circuit, *([_UNEMBED] if unembed else [])]
     results = []
     for single in d.singles:
-        values = patcher.run(single, [circuit], semantics=s)[0]
+        values = patcher.run(single, [members], semantics=s)[0]
         ci = score_ci(
             shift.reference,
             shift.intervened,
@@ -186,45 +237,64 @@ class EdgePatcher:
         self.layout = _Layout(self.graph, pos and "hook_pos_embed" in pair.reference.hook_dict)
         self._weights: dict[str, _Weights] = {}
         self._clean: dict[str, dict[str, Tensor]] = {}
+        self._bias: dict[str, dict[str, list[Tensor]]] = {}  # graft: source q/k/v biases
 
     # --- public ----------------------------------------------------------------------------
 
     def run(
         self,
         direction: Direction | str,
-        circuits: Sequence[Iterable[Edge | str]],
+        circuits: Sequence[Iterable[Edge | Node | str]],
         *,
         semantics: str = "splice",
     ) -> Float[Tensor, "circuit batch"]:
-        """The metric per prompt of each circuit, in one direction (see :func:`patch_edges`)."""
+        """The metric per prompt of each circuit, in one direction (see :func:`patch_edges`;
+        under graft a circuit may hold ``"unembed"`` / ``Node("logits")``)."""
         s = check_semantics(semantics)
         d = Direction.coerce(direction)
         if d is Direction.BOTH:
             raise ConfigError("run() takes one direction; call it once per direction")
-        sets = [as_edges(c, self.graph, self.all_edges) for c in circuits]
-        if s == "splice":
-            running, other, redirected = d.target, d.source, sets
-        else:
+        split = [split_members(c, self.graph, self.all_edges, s) for c in circuits]
+        sets = [e for e, _ in split]
+        unembed = [u for _, u in split]
+        if s == "ablate":
             running, other, redirected = d.source, d.target, [self.all_edges - c for c in sets]
+        else:
+            running, other, redirected = d.target, d.source, sets
         engine = self.engine
         clean = engine.metric_of(running)
         out = clean.repeat(len(sets), 1)
-        live = [i for i, e in enumerate(redirected) if e]
+        live = [i for i, e in enumerate(redirected) if e or unembed[i]]
         if not live:
             return out
         self._check(running)
         self._check(other)
+        if s == "graft":
+            _edge_graft.check_premises(self, other)
         self._probe(running, [redirected[i] for i in live])
         n = engine.prepared.batch_size
         chunk_b = min(n, engine.budget)
-        per_v = max(1, engine.budget // chunk_b)
+        per_v = max(1, engine.budget // (chunk_b * (2 if s == "graft" else 1)))
         for b0 in range(0, n, chunk_b):
             rows = slice(b0, min(b0 + chunk_b, n))
             for v0 in range(0, len(live), per_v):
                 chunk = live[v0 : v0 + per_v]
-                values = self._run_chunk(running, other, rows, [redirected[i] for i in chunk])
+                sub = [redirected[i] for i in chunk]
+                if s == "graft":
+                    values = _edge_graft.run_chunk(self, d, rows, sub, [unembed[i] for i in chunk])
+                else:
+                    values = self._run_chunk(running, other, rows, sub)
                 out[chunk, rows] = values.cpu().to(out.dtype)
         return out
+
+    def graft_writes(
+        self, direction: Direction | str, rows: slice
+    ) -> Float[Tensor, "sender batch pos d_model"]:
+        """Per graph sender (graph order), its graft write on the target's *clean* inputs minus
+        the target's clean write, for the prompts ``rows`` (float32): what a single graft edge
+        from that sender adds to its receiver input (one forward: the target's clean run plus
+        shadow rows for every head)."""
+        return _edge_graft.clean_writes(self, Direction.coerce(direction), rows)
 
     # --- internals -------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ Edge level: one line per edge, from the sender to the receiver's input; a head r
 ports (q below, k at, v above its centre) and each input has its own colour and dash; the line
 width is the edge's contribution (its drop-one loss, :attr:`~Circuit.minimality`). Node level:
 circuit members are drawn as large markers whose size is their contribution, the rest of the
-graph small and grey.
+graph small and grey. An edge-level graft circuit holding the pseudo-member ``unembed`` (the
+source's final norm + unembedding) labels the logits node ``unembed`` and sizes it by its loss.
 
 :func:`circuit_curve_figure`: faithfulness vs circuit size along the search's ranking, with the
 target band ``[target, 2 - target]``, the full graph's faithfulness (the ceiling) when evaluated,
@@ -47,8 +48,11 @@ def _xy(node: Node, n_heads: int, n_layers: int) -> tuple[float, float]:
     return float(node.layer), float(node.head or 0)
 
 
-def _label(node: Node, level: str) -> str:
-    return "unembed" if node.kind == "logits" and level == "node" else str(node)
+def _label(node: Node, circuit: Circuit) -> str:
+    """``unembed`` for the logits node when it is the graft member (node level, or an edge
+    circuit holding the pseudo-member ``unembed``), else the node's name."""
+    grafted = circuit.level == "node" or circuit.unembed
+    return "unembed" if node.kind == "logits" and grafted else str(node)
 
 
 def circuit_figure(circuit: Circuit) -> go.Figure:
@@ -93,6 +97,8 @@ def circuit_figure(circuit: Circuit) -> go.Figure:
             shown.add(e.input)
         members = list(nodes)
         sizes = [14.0] * len(members)
+        if circuit.unembed:
+            sizes = [scale(loss[n], 10.0, 30.0) if n in loss else 14.0 for n in members]
     else:
         members = list(nodes)
         sizes = [scale(loss[n], 10.0, 30.0) for n in members]
@@ -102,13 +108,12 @@ def circuit_figure(circuit: Circuit) -> go.Figure:
             x=[p[0] for p in xy],
             y=[p[1] for p in xy],
             mode="markers+text",
-            text=[_label(n, circuit.level) for n in members],
+            text=[_label(n, circuit) for n in members],
             textposition="top center",
             marker={"size": sizes, "color": "#d62728", "line": {"width": 1, "color": "black"}},
             name="nodes",
             hovertext=[
-                f"{_label(n, circuit.level)}"
-                + (f": drop-one loss {loss[n]:+.3f}" if n in loss else "")
+                f"{_label(n, circuit)}" + (f": drop-one loss {loss[n]:+.3f}" if n in loss else "")
                 for n in members
             ],
             hoverinfo="text",
