@@ -65,6 +65,7 @@ from mechdelta.explain.pipeline import explain
 from mechdelta.patching.edges import patch_edges
 from mechdelta.patching.graft import graft, grafted
 from mechdelta.patching.patch import patch
+from mechdelta.patching.paths import patch_paths
 from mechdelta.patching.results import BothDirections, PatchResult, SiteScore, SweepResult
 from mechdelta.patching.shift import (
     FactorialResult,
@@ -189,6 +190,7 @@ __all__ = [
     "measure_shift",
     "patch",
     "patch_edges",
+    "patch_paths",
     "plotting",
     "regenerate_figures",
     "reliability",

@@ -443,6 +443,20 @@ def test_result_fields_both_directions(native) -> None:
     assert isinstance(empty, PatchResult) and abs(empty.score) < 1e-6
 
 
+def test_patch_edges_paths_is_path_patching(native) -> None:
+    task = _task(native)
+    paths = ["L1H2 -> logits", "L0H1 -> L1H2.q -> logits"]
+    via_edges = md.patch_edges(native, task, paths=paths, n_boot=N_BOOT)
+    direct = patch_paths(native, task, paths, n_boot=N_BOOT)
+    assert isinstance(via_edges, PatchResult) and isinstance(direct, PatchResult)
+    assert torch.equal(via_edges.per_prompt, direct.per_prompt)
+    assert via_edges.provenance["semantics"] == "path"
+    with pytest.raises(ConfigError, match="not both"):
+        md.patch_edges(native, task, ["L1H2 -> logits"], paths=paths)
+    with pytest.raises(ConfigError, match="splice-style only"):
+        md.patch_edges(native, task, paths=paths, semantics="graft")
+
+
 def test_path_strings_round_trip() -> None:
     for text in ("L0H3 -> L1H1.k -> logits", "embed -> MLP0 -> L2H0.v", "MLP1 -> logits"):
         p = Path.parse(text)

@@ -141,10 +141,11 @@ def check_semantics(semantics: str) -> str:
 def patch_edges(
     pair: Any,
     task: Any,
-    edges: Edge | Node | str | Iterable[Edge | Node | str],
+    edges: Edge | Node | str | Iterable[Edge | Node | str] = (),
     direction: Direction | str = Direction.REFERENCE_TO_INTERVENED,
     *,
     semantics: str = "splice",
+    paths: Any = None,
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -177,6 +178,15 @@ def patch_edges(
         direction: ``"reference->intervened"`` (source = reference, target = intervened),
             ``"intervened->reference"``, or ``"both"`` (a :class:`~mechdelta.BothDirections`).
         semantics: ``"splice"``, ``"ablate"`` or ``"graft"``.
+        paths: path patching instead of a circuit (then ``edges`` must be empty and
+            ``semantics`` ``"splice"``): one path or an iterable of paths
+            (``"L0H3 -> L1H1.k -> logits"``, :class:`~mechdelta.patching.paths.Path`, tuples of
+            Edges). The source's change of each path's first sender reaches the target only
+            along the path's hops, each node on it recomputed by the target; several paths are
+            treeified (each route gets its own copy of its nodes). A path ends at ``logits``, or
+            at a receiver input from which everything downstream recomputes freely (Wang et
+            al.'s receiver). See :func:`~mechdelta.patching.paths.patch_paths`; provenance
+            holds ``"paths"`` and ``"semantics": "path"``.
         n_boot, alpha, seed: the bootstrap of the score's interval.
         batch_budget: rows per forward (default: the patching engine's).
 
@@ -185,6 +195,18 @@ def patch_edges(
     ``provenance["semantics"]``.
     """
     s = check_semantics(semantics)
+    if paths is not None:
+        if isinstance(edges, (Edge, Node, str)) or list(edges):
+            raise ConfigError("give edges= (a circuit) or paths= (path patching), not both")
+        if s != "splice":
+            raise ConfigError(
+                "path patching is splice-style only (the target runs with its own parameters); "
+                "use semantics='splice' with paths="
+            )
+        from mechdelta.patching.paths import patch_paths
+
+        return patch_paths(pair, task, paths, direction, n_boot=n_boot, alpha=alpha, seed=seed,
+                           batch_budget=batch_budget)  # fmt: skip
     d = Direction.coerce(direction)
     patcher = EdgePatcher(pair, task, batch_budget=batch_budget)
     circuit, unembed = split_members(edges, patcher.graph, patcher.all_edges, s)
