@@ -57,9 +57,9 @@ from mechdelta.errors import AttributionError, ConfigError, PatchingError, SiteE
 from mechdelta.patching import _edge_graft
 from mechdelta.patching._edge_hooks import HybridPlan, hybrid_hooks
 from mechdelta.patching._engine import PatchEngine
-from mechdelta.patching.results import BothDirections, PatchResult
+from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
-from mechdelta.stats.bootstrap import Bootstrap, score_ci
+from mechdelta.stats.bootstrap import Bootstrap
 
 __all__ = ["SEMANTICS", "EdgePatcher", "as_edges", "patch_edges"]
 
@@ -214,34 +214,10 @@ def patch_edges(
     shift = engine_shift(patcher.engine, boot)
     names = [str(e) for e in patcher.graph.edges if e in circuit] + (["unembed"] if unembed else [])
     members: list[Edge | Node] = [*circuit, *([_UNEMBED] if unembed else [])]
-    results = []
-    for single in d.singles:
-        values = patcher.run(single, [members], semantics=s)[0]
-        ci = score_ci(
-            shift.reference,
-            shift.intervened,
-            values[None, :],
-            boot,
-            toward_reference=single.toward_reference,
-        )[0]
-        results.append(
-            PatchResult(
-                sites=(),
-                direction=single,
-                per_prompt=values.float(),
-                ci=(float(ci[0]), float(ci[1])),
-                shift=shift,
-                provenance={
-                    **patcher.engine.provenance(),
-                    "seed": seed,
-                    "edges": names,
-                    "semantics": s,
-                },
-            )
-        )
-    if d is Direction.BOTH:
-        return BothDirections(results[0], results[1])
-    return results[0]
+    provenance = {**patcher.engine.provenance(), "seed": seed, "edges": names, "semantics": s}
+    return direction_results(
+        d, shift, boot, lambda single: patcher.run(single, [members], semantics=s)[0], provenance
+    )
 
 
 class EdgePatcher:

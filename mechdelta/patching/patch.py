@@ -9,9 +9,9 @@ from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Site
 from mechdelta.errors import SiteError
 from mechdelta.patching._engine import PatchEngine
-from mechdelta.patching.results import BothDirections, PatchResult
+from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
-from mechdelta.stats.bootstrap import Bootstrap, score_ci
+from mechdelta.stats.bootstrap import Bootstrap
 
 if TYPE_CHECKING:
     from mechdelta.core.pair import ModelPair
@@ -72,27 +72,12 @@ def patch(
     )
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)
-    results = []
-    for single in d.singles:
-        values = engine.run(single, [chosen])[0]
-        ci = score_ci(
-            shift.reference,
-            shift.intervened,
-            values[None, :],
-            boot,
-            toward_reference=single.toward_reference,
-        )[0]
-        results.append(
-            PatchResult(
-                sites=chosen,
-                direction=single,
-                per_prompt=values.float(),
-                ci=(float(ci[0]), float(ci[1])),
-                shift=shift,
-                activation_delta=tuple(engine.site_delta(single, s) for s in chosen),
-                provenance={**engine.provenance(), "seed": seed},
-            )
-        )
-    if d is Direction.BOTH:
-        return BothDirections(results[0], results[1])
-    return results[0]
+    return direction_results(
+        d,
+        shift,
+        boot,
+        lambda single: engine.run(single, [chosen])[0],
+        {**engine.provenance(), "seed": seed},
+        sites=chosen,
+        delta_of=lambda single: tuple(engine.site_delta(single, s) for s in chosen),
+    )

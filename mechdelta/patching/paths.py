@@ -76,9 +76,9 @@ from mechdelta.core.graph import Edge, Graph, Node
 from mechdelta.errors import ConfigError, PatchingError, SiteError
 from mechdelta.patching._path_hooks import Pass, Plan, Stop, halt
 from mechdelta.patching.edges import EdgePatcher
-from mechdelta.patching.results import BothDirections, PatchResult
+from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
-from mechdelta.stats.bootstrap import Bootstrap, score_ci
+from mechdelta.stats.bootstrap import Bootstrap
 
 __all__ = ["Path", "PathPatcher", "as_paths", "patch_paths", "path_values"]
 
@@ -299,34 +299,15 @@ def patch_paths(
     chosen = as_paths(paths, patcher.graph)
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(patcher.engine, boot)
-    results = []
-    for single in d.singles:
-        values = patcher.run(single, [chosen])[0]
-        ci = score_ci(
-            shift.reference,
-            shift.intervened,
-            values[None, :],
-            boot,
-            toward_reference=single.toward_reference,
-        )[0]
-        results.append(
-            PatchResult(
-                sites=(),
-                direction=single,
-                per_prompt=values.float(),
-                ci=(float(ci[0]), float(ci[1])),
-                shift=shift,
-                provenance={
-                    **patcher.engine.provenance(),
-                    "seed": seed,
-                    "paths": patcher.names(chosen),
-                    "semantics": "path",
-                },
-            )
-        )
-    if d is Direction.BOTH:
-        return BothDirections(results[0], results[1])
-    return results[0]
+    provenance = {
+        **patcher.engine.provenance(),
+        "seed": seed,
+        "paths": patcher.names(chosen),
+        "semantics": "path",
+    }
+    return direction_results(
+        d, shift, boot, lambda single: patcher.run(single, [chosen])[0], provenance
+    )
 
 
 def path_values(

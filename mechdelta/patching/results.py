@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
@@ -572,3 +572,45 @@ class BothDirections(Generic[R]):
             loader.load(src / "reference_to_intervened"),
             loader.load(src / "intervened_to_reference"),
         )
+
+
+def direction_results(
+    direction: Direction,
+    shift: ShiftResult,
+    boot: Any,
+    values_of: Callable[[Direction], Tensor],
+    provenance: dict[str, Any],
+    *,
+    sites: tuple[Site, ...] = (),
+    delta_of: Callable[[Direction], tuple[float, ...]] | None = None,
+) -> PatchResult | BothDirections[PatchResult]:
+    """One :class:`PatchResult` per single direction of ``direction`` (a
+    :class:`BothDirections` for ``"both"``): ``values_of(d)`` = the patched metric per prompt,
+    its score's interval by the paired bootstrap ``boot``, ``delta_of(d)`` = the activation
+    deltas (none when omitted)."""
+    from mechdelta.stats.bootstrap import score_ci
+
+    results = []
+    for single in direction.singles:
+        values = values_of(single)
+        ci = score_ci(
+            shift.reference,
+            shift.intervened,
+            values[None, :],
+            boot,
+            toward_reference=single.toward_reference,
+        )[0]
+        results.append(
+            PatchResult(
+                sites=sites,
+                direction=single,
+                per_prompt=values.float(),
+                ci=(float(ci[0]), float(ci[1])),
+                shift=shift,
+                activation_delta=() if delta_of is None else delta_of(single),
+                provenance=dict(provenance),
+            )
+        )
+    if direction is Direction.BOTH:
+        return BothDirections(results[0], results[1])
+    return results[0]
