@@ -239,6 +239,11 @@ def _validation(e: Explanation, fig: Any) -> Blocks:
     return out
 
 
+def _q(q: float) -> str:
+    """A q-value for a table cell: ``< 0.001`` below the Monte Carlo floor's display."""
+    return "n/a" if not math.isfinite(q) else "< 0.001" if q < 0.001 else f"{q:.3f}"
+
+
 def _steering_lines(st: Any) -> list[str]:
     """One sentence per steered site at alpha = 1 (or the largest alpha)."""
     frame = st.to_dataframe()
@@ -266,7 +271,7 @@ def _claims(e: Explanation) -> Blocks:
             c.direction.value,
             _pct(c.effect),
             f"[{_pct(c.ci[0])}, {_pct(c.ci[1])}]",
-            f"{c.q:.2g}",
+            _q(c.q),
             str(c.n_prompts),
         )
         for c in e.all_claims()
@@ -287,9 +292,9 @@ def _claims(e: Explanation) -> Blocks:
     out.append(
         Text(
             "Limits: claims hold for this task's prompts only (their distribution, their metric). "
-            f"Each site is tested over prompts ({test} test on paired per-prompt differences), "
-            "p-values adjusted by Benjamini-Hochberg within each component's grid and direction "
-            f"(not across components), level alpha = {e.params['alpha']}, effects below "
+            "Each site is tested over prompts on paired per-prompt differences "
+            f"({test}); the Benjamini-Hochberg family is each component's grid in one direction "
+            f"(no correction across components), level alpha = {e.params['alpha']}, effects below "
             f"{e.params['min_effect']:.0%} of the shift are not claimed. A splice score is one site "
             "at a time: scores do not add up (components interact), and a site can carry a shift it "
             "did not cause (downstream of the change). Gradient estimates are never claimed; only "
