@@ -151,7 +151,7 @@ class PatchEngine:
         diff = (got - want[rows]).abs().max().item()
         return diff if diff > 1e-4 * max(1.0, want.abs().max().item()) else None
 
-    def _check_prefix_reuse(self, state: _ModelState) -> None:
+    def check_prefix_reuse(self, state: _ModelState) -> None:
         """Starting mid-stack from the cached residual must reproduce the clean run (checked on
         two prompts from the last block, once per model, before the first patched run uses it)."""
         if state.prefix_checked:
@@ -230,7 +230,7 @@ class PatchEngine:
         flat = {s for v in variants for s in v}
         self.clean_run(flat)
         if flat:
-            self._check_effective(tgt, {(s.kind, s.layer) for s in flat})
+            self.check_effective(tgt, {(s.kind, s.layer) for s in flat})
         batch = self.prepared.batch_size
         chunk_b = min(batch, self.budget)
         per_v = max(1, self.budget // chunk_b)
@@ -267,8 +267,8 @@ class PatchEngine:
         if not {site.read_hook_name, site.hook_name} <= self._cached_names:
             self.clean_run([site])
         every = slice(0, self.prepared.batch_size)
-        a = self._read(src, site, every)
-        b = self._read(tgt, site, every)
+        a = self.read(src, site, every)
+        b = self.read(tgt, site, every)
         value = float((a.float() - b.float()).norm())
         self._deltas[key] = value
         self._deltas[(direction.target, site)] = value
@@ -302,7 +302,7 @@ class PatchEngine:
         # every layer, so the run covers positions p0.. only, with the clean KV cache for < p0.
         p0 = 0
         if start >= 0 and self.prefix_reuse:
-            self._check_prefix_reuse(tgt)
+            self.check_prefix_reuse(tgt)
             first = min(self._variant_key(v)[1] for v in variants)
             aligned = self.prepared.frame_offsets is None
             if first > 0 and aligned and int(positions.min()) > 0 and self._key_values(tgt):
@@ -362,15 +362,15 @@ class PatchEngine:
                 at = pos - p0 if isinstance(pos, int) else pos
                 if site.kind is Component.HEAD_OUT:
                     assert site.head is not None
-                    c_src = self._read(src, site, rows)
+                    c_src = self.read(src, site, rows)
                     head_out[site.layer].append((vrows, at, site.head, c_src))
                 elif site.kind is Component.RESID_MID:
                     self._check_resid_mid(tgt, site.layer)
                     mid[site.layer].append(
-                        (self._index(site, vrows, at), self._read(src, site, rows))
+                        (self._index(site, vrows, at), self.read(src, site, rows))
                     )
                 else:
-                    value = self._read(src, site, rows)
+                    value = self.read(src, site, rows)
                     writes[site.hook_name].append((self._index(site, vrows, at), value))
         fired: set[str] = set()
         hooks: list[Hook] = []
@@ -412,7 +412,7 @@ class PatchEngine:
         axis = 2 if site.kind is Component.HEAD_PATTERN else 1
         return (*at_rows(rows, pos)[:1], *idx[1:axis], pos, *idx[axis + 1 :])
 
-    def _read(self, state: _ModelState, site: Site, rows: slice) -> Tensor:
+    def read(self, state: _ModelState, site: Site, rows: slice) -> Tensor:
         """The site's clean activation in ``state``'s model for prompts ``rows``; for
         ``head_out`` the head's own write ``z_h @ W_O[h]``."""
         pos = self._pos(rows, site)
@@ -467,7 +467,7 @@ class PatchEngine:
         state.w_o[layer] = w
         return w
 
-    def _check_effective(self, state: _ModelState, kinds: set[tuple[Component, int]]) -> None:
+    def check_effective(self, state: _ModelState, kinds: set[tuple[Component, int]]) -> None:
         """Writing noise into each patched hook must change the output (else a bridge discards
         the edit, e.g. hooks fired after the HF module consumed the value). Probed once per model
         for every (component, layer) a patch touches, at head 0 / neuron 0, on one prompt."""

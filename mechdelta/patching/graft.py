@@ -241,7 +241,7 @@ def graft_values(
             continue  # every grafted parameter equals the target's: the clean run, exactly
         start = weights.start(plan) if engine.prefix_reuse else None
         if start is not None:
-            engine._check_prefix_reuse(tgt)  # before the swap: the clean model must match
+            engine.check_prefix_reuse(tgt)  # before the swap: the clean model must match
         with weights.swapped(direction, plan):
             for b0 in range(0, batch, chunk):
                 rows = slice(b0, min(b0 + chunk, batch))

@@ -112,8 +112,8 @@ def _run_deltas(
     ``mask`` is True), one variant per row of ``deltas``, variants stacked along the batch."""
     state = engine.states[which]
     if engine.prefix_reuse:
-        engine._check_prefix_reuse(state)
-    engine._check_effective(state, {(site.kind, site.layer)})
+        engine.check_prefix_reuse(state)
+    engine.check_effective(state, {(site.kind, site.layer)})
     batch = engine.prepared.batch_size
     chunk_b = min(batch, engine.budget)
     per_v = max(1, engine.budget // chunk_b)

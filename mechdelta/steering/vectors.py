@@ -319,8 +319,8 @@ def steering_vectors(
     every = slice(0, engine.prepared.batch_size)
     rows = []
     for s in sites:
-        ref = engine._read(engine.states["reference"], s, every).double()
-        itv = engine._read(engine.states["intervened"], s, every).double()
+        ref = engine.read(engine.states["reference"], s, every).double()
+        itv = engine.read(engine.states["intervened"], s, every).double()
         rows.append((itv - ref)[mask].mean(0))
     return SteeringVectors(
         sites=sites,
