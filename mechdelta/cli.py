@@ -76,7 +76,8 @@ def _errors(resume_hint: str | None = None) -> Iterator[None]:
 
 
 def _summarise(run_dir: Path, top: int) -> list[str]:
-    """The shift and the top sites of each sweep of a stored run, as text."""
+    """The shift, the top sites of each sweep and each explanation's status of a stored run,
+    as text."""
     from mechdelta.patching.results import BothDirections, SweepResult
     from mechdelta.report._build import NO_SITE_CHANGED, top_sites_table
     from mechdelta.runs.rundir import StoredRun
@@ -89,6 +90,12 @@ def _summarise(run_dir: Path, top: int) -> list[str]:
         if spec.kind == "shift" and not shift_shown:
             lines.append(f"Shift: {result}")
             shift_shown = True
+        if spec.kind == "explain":  # its status line, and where its audit report lies
+            lines.append(f"{spec.id}: {str(result).splitlines()[0]}")
+            shift_shown = True
+            if "html" in result.reports:
+                lines.append(f"  audit report: {os.fspath(result.reports['html'])}")
+            continue
         parts = list(result) if isinstance(result, BothDirections) else [result]
         if spec.kind == "sweep" and all(isinstance(p, SweepResult) for p in parts):
             if not shift_shown:

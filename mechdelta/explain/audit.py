@@ -24,7 +24,7 @@ from mechdelta.explain._render import Fig, print_pdf, render_html, render_md, wr
 from mechdelta.explain.explanation import Explanation
 from mechdelta.report._blocks import Section, Table, Text
 
-__all__ = ["report_document", "write_audit_report"]
+__all__ = ["report_document", "steering_lines", "write_audit_report"]
 
 Blocks = list[Any]
 _TOP = 8
@@ -145,7 +145,7 @@ def _summary(e: Explanation) -> Blocks:
             )
         )
     if e.steering is not None:
-        text += [Text(line) for line in _steering_lines(e.steering)]
+        text += [Text(line) for line in steering_lines(e.steering)]
     if e.circuit is not None:
         text.append(Text(f"Circuit: {str(e.circuit).splitlines()[0]}"))
     return text
@@ -222,7 +222,7 @@ def _validation(e: Explanation, fig: Any) -> Blocks:
                 "control only when its interval lies above every random direction's fraction."
             )
         )
-        out += [Text(line) for line in _steering_lines(st)]
+        out += [Text(line) for line in steering_lines(st)]
         out += fig("steering")
     else:
         out.append(Text("Steering: not run (no located layer)."))
@@ -244,7 +244,7 @@ def _q(q: float) -> str:
     return "n/a" if not math.isfinite(q) else "< 0.001" if q < 0.001 else f"{q:.3f}"
 
 
-def _steering_lines(st: Any) -> list[str]:
+def steering_lines(st: Any) -> list[str]:
     """One sentence per steered site at alpha = 1 (or the largest alpha)."""
     frame = st.to_dataframe()
     alpha = 1.0 if 1.0 in set(frame["alpha"]) else float(frame["alpha"].max())
@@ -482,9 +482,13 @@ def _float(x: Any) -> float | None:
 
 
 def write_audit_report(e: Explanation, out: str | Path, *, pdf: bool = True) -> dict[str, Path]:
-    """Write the four formats (and the figures) to ``out``; returns format -> path. Without a
-    browser: no PNGs and no PDF, and the Markdown/HTML/JSON say so (``report.json``'s
-    ``provenance.pdf``)."""
+    """Write the four formats (and the figures) to ``out``; returns format -> path.
+
+    Figures: ``figures/<name>.png`` (kaleido + Chromium), linked from the Markdown; the
+    interactive versions are embedded once in ``report.html`` (a per-figure HTML file would
+    inline plotly.js, ~5 MB, each time). Without a browser every figure is written as
+    ``figures/<name>.html`` instead, there is no PDF, and ``report.json``'s ``provenance.pdf``
+    says why."""
     import json
 
     from mechdelta.core._io import atomic_write_json
@@ -498,18 +502,17 @@ def write_audit_report(e: Explanation, out: str | Path, *, pdf: bool = True) -> 
     note = ""
     with FigureWriter() as writer:
         for name, (fig, _) in figures.items():
-            written.update(
-                {f"{name}.{k}": v for k, v in writer.write(fig, figdir / name, ["html"]).items()}
-            )
-            try:
-                png = writer.write(fig, figdir / name, ["png"])["png"]
-            except ExportError as exc:
-                note = f"static figures and PDF skipped: {exc}"
-                break
-            written[f"{name}.png"] = png
-            static[name] = png.read_bytes()
-    have = set(figures)
-    sections = _sections(e, have)
+            if not note:
+                try:
+                    png = writer.write(fig, figdir / name, ["png"])["png"]
+                except ExportError as exc:
+                    note = f"no static figures (so no PDF): {exc}"
+                else:
+                    written[f"{name}.png"] = png
+                    static[name] = png.read_bytes()
+                    continue
+            written[f"{name}.html"] = writer.write(fig, figdir / name, ["html"])["html"]
+    sections = _sections(e, set(figures))
     title = _title(e)
     paths = {
         "md": write_text(root / "report.md", render_md(title, sections, written)),
@@ -526,7 +529,7 @@ def write_audit_report(e: Explanation, out: str | Path, *, pdf: bool = True) -> 
             )
         except ExportError as exc:
             note = f"PDF skipped: {exc}"
-    doc["provenance"]["pdf"] = "written" if "pdf" in paths else (note or "not requested")
+    doc["provenance"]["pdf"] = "written" if "pdf" in paths else "not requested" if not pdf else note
     atomic_write_json(root / "report.json", json.loads(json.dumps(doc, default=str)))
     paths["json"] = root / "report.json"
     return paths

@@ -91,9 +91,9 @@ class Explanation:
         lines.append(f"{len(claims)} warranted claim(s) at alpha = {self.params['alpha']}:")
         lines += [f"  - {c.text}" for c in claims[:8]]
         if self.steering is not None:
-            from mechdelta.explain.audit import _steering_lines
+            from mechdelta.explain.audit import steering_lines
 
-            lines += _steering_lines(self.steering)
+            lines += steering_lines(self.steering)
         if self.circuit is not None:
             lines.append(f"Circuit: {_first_line(self.circuit)}")
         for fmt, path in self.reports.items():
@@ -132,6 +132,11 @@ class Explanation:
             "params": params,
             "provenance": {k: v for k, v in meta.items() if k != "format"},
             "out": root,
+            "reports": {
+                fmt: root / f"report.{fmt}"
+                for fmt in ("md", "html", "pdf", "json")
+                if (root / f"report.{fmt}").is_file()
+            },
         }
         if not common["shift"].significant:
             return cls(status="no_shift", **common)

@@ -10,7 +10,17 @@ from typing import Any
 
 from mechdelta.runs.rundir import StoredRun
 
-__all__ = ["Block", "Code", "Figure", "Section", "Table", "Text", "render_html", "render_md"]
+__all__ = [
+    "Block",
+    "Code",
+    "Figure",
+    "Link",
+    "Section",
+    "Table",
+    "Text",
+    "render_html",
+    "render_md",
+]
 
 # --- blocks ---------------------------------------------------------------------------------------
 
@@ -48,12 +58,20 @@ class Figure:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A link to a file next to the report (``href`` relative to it)."""
+
+    text: str
+    href: str
+
+
+@dataclass(frozen=True)
 class Code:
     text: str
     lang: str = ""
 
 
-Block = Text | Table | Figure | Code
+Block = Text | Table | Figure | Link | Code
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,8 @@ def render_md(
             return [*lines, ""]
         if isinstance(b, Figure):
             return [_md_figure(run, b), ""]
+        if isinstance(b, Link):
+            return [f"[{_md_escape(b.text)}]({b.href})", ""]
         return [f"```{b.lang}", b.text, "```", ""]
 
     for b in intro:
@@ -156,6 +176,8 @@ def render_html(
                 config={"displaylogo": False, "responsive": True},
             )
             return f'<div class="figure">{div}</div>'
+        if isinstance(b, Link):
+            return f'<p><a href="{esc(b.href)}">{esc(b.text)}</a></p>'
         return f"<pre><code>{esc(b.text)}</code></pre>"
 
     body += [block(b) for b in intro]

@@ -444,6 +444,6 @@ def _write_report(run: StoredRun, alpha: float | None = None) -> tuple[Path, Pat
 
 
 # sections of other modules register themselves on import
-from mechdelta.report import _attribution, _circuits, _series  # noqa: E402, F401
+from mechdelta.report import _attribution, _circuits, _explain, _series  # noqa: E402, F401
 from mechdelta.report._claims import claims_blocks, summary_blocks  # noqa: E402
 from mechdelta.report._provenance import provenance_section  # noqa: E402

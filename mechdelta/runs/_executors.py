@@ -158,6 +158,14 @@ def _run_series(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return run_series(ctx, spec, cache)
 
 
+def _run_explain(ctx: RunContext, spec: AnalysisSpec) -> Any:
+    """:func:`~mechdelta.explain.explain` with its stages in the run directory (resumable; see
+    :mod:`mechdelta.runs._explain`): a StoredExplanation, which the run stores."""
+    from mechdelta.runs._explain import run_explain
+
+    return run_explain(ctx, spec)
+
+
 def _run_weight_diff(ctx: RunContext, spec: AnalysisSpec) -> Any:
     return ctx.pair.weight_diff()
 
@@ -180,4 +188,5 @@ EXECUTORS: dict[str, Callable[[RunContext, AnalysisSpec], Any]] = {
     "attribute_edges": _run_attribute_edges,
     "circuit": _run_circuit,
     "series": _run_series,
+    "explain": _run_explain,
 }

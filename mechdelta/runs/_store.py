@@ -7,7 +7,7 @@ analysis complete, and it holds the SHA-256 of every other file, which
 :meth:`~mechdelta.runs.rundir.StoredRun.record` checks on reading. :func:`clear_analysis` removes
 what an interrupted attempt left behind, but a series analysis' finished pairs
 (:func:`partial_dir`, kept so that a resumed run skips them); :func:`clear_partial` removes those
-once the analysis is stored.
+once the analysis is stored. :func:`write_manifest` writes the run's manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mechdelta.runs.rundir import (
     _ANALYSIS_FORMAT,
     ANALYSIS,
     CONTROL,
+    MANIFEST,
     PARTIAL,
     RELIABILITY,
     RESULTS,
@@ -37,7 +38,14 @@ from mechdelta.runs.rundir import (
 )
 from mechdelta.stats.reliability import save_reliability
 
-__all__ = ["clear_analysis", "clear_partial", "partial_dir", "save_analysis", "write_table"]
+__all__ = [
+    "clear_analysis",
+    "clear_partial",
+    "partial_dir",
+    "save_analysis",
+    "write_manifest",
+    "write_table",
+]
 
 
 def save_analysis(
@@ -103,6 +111,11 @@ def clear_partial(run_dir: Path, analysis_id: str) -> None:
         shutil.rmtree(path)
     if path.parent.is_dir() and not any(path.parent.iterdir()):
         path.parent.rmdir()
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """The run's ``manifest.json``, atomically."""
+    atomic_write_json(run_dir / MANIFEST, manifest)
 
 
 def write_table(path: Path, frame: Any) -> None:

@@ -4,7 +4,8 @@ Kinds: ``shift``, ``weight_diff``, ``factorial`` (no parameters), ``sweep``, ``p
 ``attribute`` (estimates of a sweep grid, :func:`~mechdelta.attribute`), ``attribute_edges``
 (:func:`~mechdelta.attribute_edges`), ``circuit`` (:func:`~mechdelta.circuits.search_circuit`)
 and ``series`` (a sweep, attribution or circuit search on every pair of the experiment's
-``[series]``: :class:`~mechdelta.circuits.CheckpointSeries`). A new kind adds its keys to
+``[series]``: :class:`~mechdelta.circuits.CheckpointSeries`) and ``explain``
+(:func:`~mechdelta.explain.explain`, :mod:`mechdelta.runs._explain`). A new kind adds its keys to
 ``KIND_KEYS`` here, an executor in :data:`mechdelta.runs._executors.EXECUTORS` and a report
 section (:func:`mechdelta.report._build.register_section`).
 """
@@ -28,6 +29,7 @@ from mechdelta.runs._config import (
     jsonable,
     short_hash,
 )
+from mechdelta.runs._explain_spec import explain_value
 
 __all__ = ["ANALYSIS_KINDS", "KIND_KEYS", "AnalysisSpec"]
 
@@ -85,6 +87,10 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
         "max_size",
         "batch_budget",
     ),
+    "explain": (
+        *("budget", "alpha", "min_effect", "steering_alphas", "circuit", "pdf", "intervention"),
+        "batch_budget",
+    ),
 }
 #: What a series analysis runs on each pair (its kind's keys apply, but ``verify``).
 SERIES_ANALYSES = ("sweep", "attribute", "circuit")
@@ -136,6 +142,9 @@ class AnalysisSpec:
       reference; ``"consecutive"``: each against the one before it) and ``threshold`` (sweeps and
       attributions: the report's second emergence column, the first checkpoint whose effect's CI
       lies beyond ± this fraction of the whole series' shift; it does not change results).
+    - ``explain``: ``budget``, ``alpha`` (default: ``[run] alpha``), ``min_effect``,
+      ``steering_alphas``, ``circuit``, ``pdf``, ``intervention`` (a table),
+      ``batch_budget`` (:mod:`mechdelta.runs._explain_spec`).
 
     ``name`` sets the analysis id; by default it is derived from the kind and the parameters
     (``batch_budget`` excluded, it does not change results), so ids are stable across runs.
@@ -163,6 +172,13 @@ class AnalysisSpec:
     analysis: str | None = None
     compare: str | None = None
     threshold: float | None = None
+    budget: str | int | None = None
+    alpha: float | None = None
+    min_effect: float | None = None
+    steering_alphas: tuple[float, ...] | None = None
+    circuit: bool | str | None = None
+    pdf: bool | None = None
+    intervention: dict[str, Any] | None = None
     index: int = field(default=0, compare=False, repr=False)
 
     def grid(self) -> dict[str, Any]:
@@ -227,6 +243,10 @@ class AnalysisSpec:
             self._check_circuit()
         if self.kind == "series":
             self._check_series()
+        if self.kind == "explain":
+            from mechdelta.runs._explain_spec import check_explain
+
+            check_explain(self)
         if self.batch_budget is not None:
             check_int(self.batch_budget, f"{where} batch_budget", minimum=1)
 
@@ -330,9 +350,13 @@ class AnalysisSpec:
             )
         where = f"[[analyses]] #{index + 1} ({kind})"
         check_keys(table, ("kind", "name", *KIND_KEYS[kind]), where)
+
         kw: dict[str, Any] = {"kind": kind, "index": index}
         for key, value in table.items():
-            if key in ("kind",):
+            if key == "kind":
+                continue
+            if kind == "explain" and key not in ("name", "batch_budget"):
+                kw[key] = explain_value(key, value, where)
                 continue
             if key in (
                 "name",
@@ -407,6 +431,10 @@ class AnalysisSpec:
             return self.name
         if self.kind in ("shift", "weight_diff", "factorial"):
             return self.kind
+        if self.kind == "explain":
+            from mechdelta.runs._explain_spec import id_extra
+
+            return f"explain-{short_hash(changed)}" if (changed := id_extra(self)) else "explain"
         if self.kind == "series":
             assert self.compare is not None  # filled in by __post_init__
             return f"series-{self.inner().id}-{SERIES_COMPARE[self.compare]}"

@@ -74,6 +74,12 @@ into a run directory. Every unknown key is an error naming the key and the keys 
     compare = "reference"        # or "consecutive"
     component = "head_out"
     direction = "intervened->reference"
+
+    [[analyses]]
+    kind = "explain"             # the whole Δ-XAI pipeline (mechdelta.explain), resumable; keys
+    budget = "auto"              # budget, alpha, min_effect, steering_alphas, circuit, pdf
+    [analyses.intervention]      # (mechdelta.runs._explain_spec); the declared intervention:
+    kind = "fine-tune"           # kind, description, data, date, owner, extra
 """
 
 from __future__ import annotations

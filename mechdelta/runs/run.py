@@ -18,7 +18,8 @@ for :func:`~mechdelta.claims`'s seed-variation control (:mod:`mechdelta.runs._co
 are part of the analysis: stored in its directory before ``analysis.json``, so an interrupted
 analysis is recomputed whole; but a series analysis (``kind = "series"``, over the
 experiment's ``[series]``) keeps each finished pair, and a resumed run computes only the pairs
-left (:mod:`mechdelta.runs._series`). The pair is loaded and each analysis computed by
+left (:mod:`mechdelta.runs._series`), and an explain analysis keeps each finished stage of
+its explanation (:mod:`mechdelta.runs._explain`). The pair is loaded and each analysis computed by
 :mod:`mechdelta.runs._executors`; :mod:`mechdelta.runs._store` writes each analysis.
 
 Every writer (a run, figures, the report) holds the directory's exclusive lock
@@ -51,6 +52,7 @@ from mechdelta.errors import (
 from mechdelta.runs._controls import SPLIT_HALF_MIN_PROMPTS, analysis_extras, preflight_control
 from mechdelta.runs._executors import EXECUTORS, RunContext, load_pair
 from mechdelta.runs._executors import tiny_task as tiny_task  # the built-in pair's task
+from mechdelta.runs._explain import explain_extras, kept_stages
 from mechdelta.runs._lock import run_lock
 from mechdelta.runs._resume import check_identity, damaged_analyses, prepare_dir
 from mechdelta.runs._series import (
@@ -59,7 +61,13 @@ from mechdelta.runs._series import (
     series_pair,
     series_provenance,
 )
-from mechdelta.runs._store import clear_analysis, clear_partial, partial_dir, save_analysis
+from mechdelta.runs._store import (
+    clear_analysis,
+    clear_partial,
+    partial_dir,
+    save_analysis,
+    write_manifest,
+)
 from mechdelta.runs.experiment import Experiment, short_hash
 from mechdelta.runs.rundir import (
     FIGURES,
@@ -67,7 +75,6 @@ from mechdelta.runs.rundir import (
     RUN_FORMAT_VERSION,
     StoredRun,
     result_figures,
-    write_manifest,
 )
 
 __all__ = ["SPLIT_HALF_MIN_PROMPTS", "RunResult", "regenerate_figures", "run_experiment"]
@@ -302,7 +309,10 @@ def _run_locked(
             _say(quiet, f"{label}: complete, skipped")
             continue
         kept = finished_pairs(partial_dir(out, spec.id))
-        _say(quiet, f"{label}: running" + (f" ({kept} pairs kept from before)" if kept else ""))
+        what = "pairs"
+        if spec.kind == "explain":  # an explanation keeps its finished stages
+            kept, what = kept_stages(partial_dir(out, spec.id)), "explanation stages"
+        _say(quiet, f"{label}: running" + (f" ({kept} {what} kept from before)" if kept else ""))
         clear_analysis(out, spec.id)
         torch.manual_seed(exp.run.seed)
         t0 = time.perf_counter()
@@ -310,6 +320,8 @@ def _run_locked(
             warnings.simplefilter("always")
             result = EXECUTORS[spec.kind](ctx, spec)
         extras = analysis_extras(ctx, spec, result)
+        if spec.kind == "explain":
+            extras = explain_extras(result)
         seconds = time.perf_counter() - t0
         messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
         save_analysis(

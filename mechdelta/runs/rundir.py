@@ -16,9 +16,9 @@ written by :func:`mechdelta.runs._store.save_analysis`).
                                   overlap and both halves' scores, safetensors + JSON
                                   (:func:`mechdelta.stats.reliability.save_reliability`)
         control/                  the same sweep on the experiment's control pair ([control])
-      results/.partial/<id>/      a series analysis' finished pairs while it runs (pair_<k>/ +
-                                  done.json each; removed once the analysis is stored): a
-                                  resumed run skips them
+        explanation/              an explain analysis' explanation (mechdelta.runs._explain)
+      results/.partial/<id>/      a series (explain) analysis' finished pairs (stages) while it
+                                  runs, removed once it is stored: a resumed run skips them
       figures/<analysis id>.json  the figure JSON, plus .html / .png / ... per [output] figures;
                                   more figures of one analysis are <id>.<what>.json (see
                                   :func:`result_figures`: <id>.verification, <id>.reliability,
@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechdelta.core._io import atomic_write_json
 from mechdelta.errors import MechDeltaError, RunCorruptError, RunError, RunIncompleteError
 from mechdelta.runs.experiment import Experiment
 from mechdelta.stats.reliability import load_reliability
@@ -90,6 +89,7 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
     from mechdelta.core.weights import WeightDiff
     from mechdelta.patching.results import PatchResult, SweepResult
     from mechdelta.patching.shift import FactorialResult, ShiftResult
+    from mechdelta.runs._explain import load_explanation
 
     return {
         "AttributionResult": AttributionResult.load,
@@ -103,6 +103,7 @@ def result_loaders() -> dict[str, Callable[[Path], Any]]:
         "Circuit": Circuit.load,
         "SeriesResult": SeriesResult.load,
         "SeriesCircuits": SeriesCircuits.load,
+        "StoredExplanation": load_explanation,
     }
 
 
@@ -215,10 +216,12 @@ def _figure_sources(analysis_id: str, result: Any) -> list[tuple[str, Any]]:
     from mechdelta.attribution._edge_result import EdgeAttribution
     from mechdelta.circuits.circuit import Circuit
     from mechdelta.patching.results import BothDirections
+    from mechdelta.runs._explain import explain_figure_sources
     from mechdelta.runs._series import series_figure_sources
 
-    if (series := series_figure_sources(analysis_id, result)) is not None:
-        return series
+    for composite in (series_figure_sources, explain_figure_sources):  # series, explanations
+        if (sources := composite(analysis_id, result)) is not None:
+            return sources
     parts = _parts(result)
     out: list[tuple[str, Any]] = []
     if isinstance(parts[0], Circuit):
@@ -336,10 +339,6 @@ def run_command(run_dir: Path, manifest: dict[str, Any] | None, *flags: str) -> 
         source = manifest["experiment"].get("source")
     exp = shlex.quote(source) if isinstance(source, str) else "EXPERIMENT.toml"
     return " ".join(["mechdelta run", exp, "--out", shlex.quote(os.fspath(run_dir)), *flags])
-
-
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / MANIFEST, manifest)
 
 
 @dataclass(frozen=True)
