@@ -28,11 +28,12 @@
    1024, vocab 1000, the size of ``bench_sweep.py``'s model) whose intervened copy has only the
    planted components' weights perturbed (the same masks as planted_pair); task = random tokens,
    logit difference of two fixed tokens. attribution vs acdc, node graft (and edge splice unless
-   ``--four-layer-edges``): time, n_exact, and whether both return the same circuit.
+   ``--four-layer-edges``): time (and, for attribution, the part spent ranking), n_exact, the
+   seconds in exact hybrid runs, and whether both return the same circuit.
 
-3. Induction curves (zoo ``induction``): faithfulness vs size along each search's ranking, for
-   node graft attribution in both directions and edge splice / ablate attribution
-   (intervened->reference).
+3. Induction curves (zoo ``induction``): faithfulness vs size along each search's ranking (the
+   prefixes growth evaluated exactly: it skips the others), for node graft attribution in both
+   directions and edge splice / ablate attribution (intervened->reference).
 
     .venv/bin/python benchmarks/bench_circuits.py            # full run
     .venv/bin/python benchmarks/bench_circuits.py --quick    # 1 seed x 3 sets
@@ -289,7 +290,7 @@ def four_layer_pair(args: argparse.Namespace) -> tuple[Any, Any, set[Any]]:
     from mechdelta.zoo._models import build_model
     from mechdelta.zoo.planted import component_masks
 
-    cfg = {
+    cfg: dict[str, Any] = {
         "n_layers": 4, "d_model": 256, "n_heads": 8, "d_head": 32, "d_mlp": 1024,
         "d_vocab": 1000, "n_ctx": 64, "act_fn": "gelu", "model_name": "bench-circuits-4l",
     }  # fmt: skip
@@ -327,9 +328,9 @@ def bench_four_layer(
         f"4-layer model (4 layers, d_model 256, 8 heads, d_mlp 1024; planted "
         f"{', '.join(sorted(map(str, planted)))}; {args.four_layer_batch} prompts; target "
         f"{args.target}):",
-        "| level / semantics | method | time s | n_exact | faithfulness | size | nodes P/R vs planted |"
-        " same circuit as acdc | speed-up vs acdc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| level / semantics | method | time s | of which ranking s | exact runs s | n_exact |"
+        " faithfulness | size | nodes P/R vs planted | same circuit as acdc | speed-up vs acdc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for level, sem in configs:
@@ -340,7 +341,9 @@ def bench_four_layer(
             found = {n for n in c.nodes if n != Node("logits")}
             p, r = prf(found, planted)
             print(
-                f"  {level} {sem:6} {m:11} {dt:7.1f} s  n_exact {c.provenance['n_exact']:5}  "
+                f"  {level} {sem:6} {m:11} {dt:7.2f} s  n_exact {c.provenance['n_exact']:5}  "
+                f"(ranking {fmt(c.provenance['timings'].get('rank_s', math.nan), 1, 2)} s, exact "
+                f"runs {c.provenance['exact_seconds']:.2f} s)  "
                 f"f {c.faithfulness:.3f}{'' if c.reached else '!'}  size {len(c)}  "
                 f"P/R {p:.2f}/{r:.2f}  {{{','.join(c.names)}}}"
             )
@@ -351,8 +354,10 @@ def bench_four_layer(
             c, dt = res[m]
             found = {n for n in c.nodes if n != Node("logits")}
             p, r = prf(found, planted)
+            rank_s = c.provenance["timings"].get("rank_s", math.nan)
             out.append(
-                f"| {level} {sem} | {m} | {dt:.1f} | {c.provenance['n_exact']} | "
+                f"| {level} {sem} | {m} | {dt:.2f} | {fmt(rank_s, 1, 2)} | "
+                f"{c.provenance['exact_seconds']:.2f} | {c.provenance['n_exact']} | "
                 f"{c.faithfulness:.3f}{'' if c.reached else ' (not reached)'} | {len(c)} | "
                 f"{p:.2f}/{r:.2f} | {'-' if m == 'acdc' else ('yes' if same else 'no')} | "
                 f"{'-' if m == 'acdc' else f'{tc / ta:.1f}x'} |"
@@ -376,8 +381,9 @@ def bench_induction(args: argparse.Namespace) -> list[str]:
         ("edge", "ablate", I2R, args.induction_edge_max),
     ]
     out = [
-        "Induction (zoo 'induction', task second_copy_loss): faithfulness along the attribution "
-        "ranking (size: f); * = the returned (pruned) circuit.",
+        "Induction (zoo 'induction', task second_copy_loss): faithfulness of the prefixes of the "
+        "attribution ranking that growth evaluated exactly (size: f; growth skips the others); "
+        "* = the returned (pruned) circuit.",
     ]
     print("\ninduction curves (attribution):")
     for level, sem, d, cap in runs:

@@ -12,6 +12,7 @@ import torch
 import mechdelta as md
 from mechdelta import ConfigError, Direction
 from mechdelta.circuits import Circuit, CircuitNotFaithfulWarning, search_circuit
+from mechdelta.circuits._evaluate import Evaluator, node_site
 from mechdelta.core.graph import Edge, Graph, Node
 from tests import _builders
 from tests._reference import N_BOOT, contrast_task, random_tokens
@@ -283,3 +284,162 @@ def test_bad_searches_are_config_errors(two_head, kwargs, match):
     pair, task = two_head
     with pytest.raises(ConfigError, match=match):
         search_circuit(pair, task, **kwargs)
+
+
+# --- attribution growth: predicted first prefix, exact checks, early stop --------------------------
+
+
+def _old_walk(pair, task, c, level: str, semantics: str, target: float) -> tuple[set, int]:
+    """The exhaustive growth this search replaced, on a fresh evaluator: the prefixes of the
+    circuit's ranking in order (node level: all at once; edge level: stacked chunks of 8, 16,
+    ...) up to the first that reaches the target, then the old pruning (latest-added first,
+    then drop-one rounds). Returns the circuit and its number of exact runs."""
+    ev = Evaluator(pair, task, level=level, semantics=semantics, direction=Direction.coerce(I2R),
+                   batch_budget=None, progress=False)  # fmt: skip
+    by_name = {str(m): m for m in ev.members}
+    order = [by_name[k] for k in c.provenance["estimates"]]
+    assert len(order) == len(ev.members)
+
+    def reaches(f: float) -> bool:
+        return target - 1e-9 <= f <= 2 - target + 1e-9
+
+    done, chunk, first = 0, 8 if level == "edge" else len(order), None
+    while first is None:  # the old walk: prefixes in stacked chunks (edge: 8, 16, ...)
+        sizes = list(range(done + 1, min(len(order), done + chunk) + 1))
+        fs = ev.faithfulness([order[:k] for k in sizes])
+        first = next((k for k, f in zip(sizes, fs, strict=True) if reaches(f)), None)
+        done, chunk = sizes[-1], 2 * chunk
+    circuit = order[:first]
+    for x in reversed(list(circuit)):
+        trial = [y for y in circuit if y != x]
+        if reaches(ev.faithfulness([trial])[0]):
+            circuit = trial
+    while True:
+        drops = ev.faithfulness([[y for y in circuit if y != x] for x in circuit])
+        ok = [i for i, g in enumerate(drops) if reaches(g)]
+        if not ok:
+            return set(circuit), ev.n_exact
+        del circuit[min(ok, key=lambda i: abs(drops[i] - 1))]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "level", "semantics", "target"),
+    [
+        ("two_head", "node", "graft", 0.99),
+        ("two_head", "node", "splice", 0.99),
+        ("planted", "node", "graft", 0.9),
+        ("planted", "edge", "splice", 0.8),
+        ("planted", "edge", "ablate", 0.9),
+    ],
+)
+def test_growth_returns_the_exhaustive_walks_circuit_with_fewer_runs(
+    request, fixture, level, semantics, target
+):
+    pair, task = request.getfixturevalue(fixture)
+    c = search_circuit(pair, task, level=level, semantics=semantics, target=target)
+    assert c.reached
+    old, n_old = _old_walk(pair, task, c, level, semantics, target)
+    assert set(c.members) == old
+    assert c.provenance["n_exact"] < n_old, (c.provenance["n_exact"], n_old)
+    # the curve holds exact evaluations only: each point is the prefix's exact faithfulness
+    order = list(c.provenance["estimates"])
+    k0 = c.provenance["growth"]["predicted_first"]
+    assert 1 <= k0 <= len(order)
+    assert c.curve[0][0] == 0 and c.curve[0][1] == pytest.approx(0.0, abs=1e-5)
+    ev = Evaluator(pair, task, level=level, semantics=semantics, direction=Direction.coerce(I2R),
+                   batch_budget=None, progress=False)  # fmt: skip
+    by_name = {str(m): m for m in ev.members}
+    sizes = [s for s, _ in c.curve]
+    exact = ev.faithfulness([[by_name[n] for n in order[:s]] for s in sizes])
+    assert [f for _, f in c.curve] == pytest.approx(exact, abs=1e-6)
+
+
+def test_full_graph_below_target_stops_growth_after_o1_runs():
+    """A pair whose final norm + unembedding changed: under splice the target's unembedding
+    always runs, so even the full graph carries little of the shift. Growth evaluates the
+    empty circuit, the predicted first prefix (and at edge level the one before it, stacked)
+    and the full graph, then stops: not reached, the full graph returned, its ceiling."""
+
+    def perturb(m):
+        sd = m.state_dict()
+        for i, key in enumerate(["unembed.weight", "ln_final.weight", "blocks.1.attn.v.weight"]):
+            t = sd[key] if key != "blocks.1.attn.v.weight" else sd[key][16:32]
+            t += 1.5 * float(t.std() + 0.1) * torch.randn(t.shape, generator=_gen(20 + i))
+
+    pair = md.ModelPair(*_builders.native_pair(perturb))
+    task = contrast_task(pair, random_tokens(6, 6, int(pair.cfg.d_vocab), seed=3))
+    for level, rank_runs in (("node", 1), ("edge", 0)):  # node splice ranks embed exactly
+        with pytest.warns(CircuitNotFaithfulWarning, match="full graph"):
+            c = search_circuit(pair, task, level=level, semantics="splice", target=0.9)
+        n = c.provenance["n_members"]
+        assert not c.reached and len(c) == n
+        assert c.provenance["growth"]["stopped"] == "the full graph is below the target"
+        assert c.provenance["n_exact_search"] <= rank_runs + 4  # old walk: all n prefixes
+        assert len(c.curve) <= 4 and c.curve[-1][0] == n
+        members = c.members if level == "edge" else [node_site(n) for n in c.nodes]
+        full = _score("splice", pair, task, members)
+        assert c.ceiling == pytest.approx(full, abs=1e-5) and full < 0.9
+        assert c.curve[-1][1] == pytest.approx(full, abs=1e-5)
+
+
+class _Fake(Evaluator):
+    """An evaluator stand-in whose faithfulness of a circuit depends only on its size."""
+
+    def __init__(self, f_of_size, n: int, level: str = "edge", semantics: str = "splice"):
+        self.members = tuple(Node("head", 0, i) for i in range(n))
+        self.level, self.semantics, self.f_of_size = level, semantics, f_of_size
+        self.runs: list[int] = []
+
+    def faithfulness(self, circuits) -> list[float]:
+        sizes = [len(list(c)) for c in circuits]
+        self.runs += sizes
+        return [self.f_of_size(s) for s in sizes]
+
+
+def _grow(fake: _Fake, pred, target: float = 0.9, max_size=None):
+    from mechdelta.circuits.search import _Search
+
+    s = _Search(fake, target, max_size)
+    found = s.grow(list(fake.members), pred)
+    return (None if found is None else len(found)), s
+
+
+@pytest.mark.parametrize("guess", [1, 5, 37, 38, 60, 100])
+def test_growth_finds_the_first_reaching_prefix_from_any_guess(guess):
+    n, first = 100, 37
+    pred = [0.0] * guess + [0.95] * (n + 1 - guess)  # predicted to reach from size `guess`
+    size, s = _grow(_Fake(lambda k: min(1.0, k / first * 0.9), n), pred)
+    assert size == first
+    assert s.growth["predicted_first"] == guess
+    assert len(s.curve) <= 2 * math.ceil(math.log2(n)) + 4  # the old walk: all 100 prefixes
+    assert all(s.curve[k] == pytest.approx(min(1.0, k / first * 0.9)) for k in s.curve)
+
+
+def test_growth_walks_on_past_an_overshooting_boundary_and_respects_max_size():
+    # f jumps from 0.5 to 1.5 at size 10 (overshoot), and comes back into [0.9, 1.1] at 30
+    def f(k: int) -> float:
+        return 0.5 if k < 10 else (1.5 if k < 30 else 1.0)
+
+    pred = [min(1.0, k / 10) for k in range(51)]
+    size, s = _grow(_Fake(f, 50), pred)
+    assert size == 30 and s.growth["walked_from"] == 11
+    size, s = _grow(_Fake(f, 50), pred, max_size=20)
+    assert size is None and max(s.curve) <= 50
+    assert s.best is not None and len(s.best) <= 20
+
+
+def test_growth_stops_when_the_full_graph_is_below_target():
+    fake = _Fake(lambda k: 0.6 * k / 200, 200)
+    size, s = _grow(fake, [k / 100 for k in range(201)])
+    assert size is None and s.growth["stopped"] == "the full graph is below the target"
+    assert sorted(fake.runs) == [0, 89, 90, 200]  # empty, guess - 1 and guess stacked, full
+
+
+def test_predicted_faithfulness_per_semantics():
+    from mechdelta.circuits.search import predicted
+
+    est = [0.5, 0.3, -0.1, float("-inf")]
+    assert predicted(est, "graft") == pytest.approx([0.0, 0.5, 0.8, 0.7, 0.7])
+    assert predicted(est, "splice") == predicted(est, "graft")
+    # ablate: each estimate is the loss of removing one member from the full graph
+    assert predicted(est, "ablate") == pytest.approx([0.3, 0.8, 1.1, 1.0, 1.0])

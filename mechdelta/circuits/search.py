@@ -18,13 +18,37 @@ Methods (every evaluation counted in ``provenance["n_exact"]`` is an exact hybri
   does not (the full graph may fall short: see the splice ceiling), iff ``|f(C - m) - 1| <=
   |f(C) - 1|`` (tau = 0: the removal must not move f away from 1). One exact run per member.
 - ``"attribution"``: rank members by an estimate of the same semantics
-  (:mod:`mechdelta.circuits._rank`), then evaluate the ranking's prefixes exactly (in stacked
-  chunks of growing size) and keep the first prefix that reaches the target.
+  (:mod:`mechdelta.circuits._rank`), then find the smallest prefix P_k (the k best-ranked
+  members) that reaches the target with few exact runs. First-order estimates add up, so each
+  prefix has a *predicted* faithfulness (:func:`predicted`): under graft and splice (node and
+  edge) the sum of its members' estimates, each a fraction of the shift one member alone
+  carries; under ablate, whose estimates are the first-order *loss* of removing one edge from
+  the full graph (a fraction of the shift), ``1 -`` the sum of the estimates of the members
+  *left out*. Growth evaluates exactly the empty circuit and k0 = the smallest prefix predicted
+  to reach the target (else the one predicted closest to 1), then moves by exact checks: if
+  P_k0 has f >= target it walks down (k0 - 1, k0 - 2, k0 - 4, ...) to a prefix below the target;
+  if not, it evaluates the **full graph once** (when even the full graph falls below the target,
+  e.g. edge splice's ceiling, the search stops: not reached, without walking the prefixes) and
+  doubles k up to ``max_size``; then it bisects between the largest prefix below the target and
+  the smallest at or above it. This finds the first prefix that reaches the target whenever f
+  grows with k along the ranking (the old exhaustive walk's answer); where the boundary prefix
+  overshoots (f > 2 - target), the remaining prefixes are walked in order as before. Under
+  splice / ablate / edge graft, evaluations of one stage are stacked in one batched call (and
+  the first stage adds P_k0-1, which the walk down needs first); node graft runs one target
+  forward per circuit whatever the stacking. ``Circuit.curve`` holds only the prefixes
+  evaluated exactly (so its area interpolates between them).
 
 All methods end with a **pruning pass**: members are dropped, latest-added first, while the
 circuit still reaches the target; then rounds of drop-one evaluations of every member remove the
 member whose removal leaves f closest to 1 among those that keep the target, until none does.
-The last round gives :attr:`Circuit.minimality` (f(C) - f(C - m) per member), so the returned
+(acdc skips the latest-added-first pass: its walk already tried every member.) Where circuits
+stack along the batch (splice, ablate, edge graft) that pass evaluates its next trials C - m in
+one call, assuming each fails: 1, 2, 4, ... trials per call while none keeps the target, back to
+1 after a drop (the trials after a drop in the same call are discarded: they were of the circuit
+before it). Its decisions are those of the one-at-a-time pass. No circuit is run twice
+(:meth:`Evaluator.metric` remembers each), so a trial that repeats an earlier evaluation (the
+first one, C minus its last-added member, is a prefix growth already ran) costs nothing. The
+last round gives :attr:`Circuit.minimality` (f(C) - f(C - m) per member), so the returned
 circuit is minimal: no single member can be dropped.
 
 A search that does not reach the target returns the full graph (``max_size``: the best circuit
@@ -152,7 +176,9 @@ def search_circuit(
         order = sorted(range(len(ev.members)), key=lambda i: -est[i])
         extra["ranking"] = how
         extra["estimates"] = {str(ev.members[i]): est[i] for i in order}
-        found = search.grow([ev.members[i] for i in order])
+        pred = predicted([est[i] for i in order], s)
+        found = search.grow([ev.members[i] for i in order], pred)
+        extra["growth"] = search.growth
     timings["search_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     n_search = ev.n_exact
@@ -249,6 +275,7 @@ class _Search:
         self.curve: dict[int, float] = {}
         self.best: list[Member] | None = None  # closest to f = 1 within max_size
         self.f_best = math.nan
+        self.growth: dict[str, Any] = {}  # how grow() moved (provenance["growth"])
 
     def reaches(self, f: float) -> bool:
         return self.target - 1e-9 <= f <= 2 - self.target + 1e-9
@@ -285,18 +312,61 @@ class _Search:
                 return chosen
         return None
 
-    def grow(self, order: list[Member]) -> list[Member] | None:
-        self._track(0, self.f([]))
-        done, chunk = 0, 8 if self.ev.level == "edge" else self.cap
-        found: int | None = None
-        while done < self.cap and found is None:
-            sizes = list(range(done + 1, min(self.cap, done + chunk) + 1))
-            for size, f in zip(sizes, self.fs([order[:k] for k in sizes]), strict=True):
-                self._track(size, f)
-                if found is None and self.reaches(f):
-                    found = size
+    def grow(self, order: list[Member], pred: Sequence[float]) -> list[Member] | None:
+        """The first prefix of ``order`` that reaches the target (see ``"attribution"`` in the
+        module docstring); ``pred[k]``: the predicted faithfulness of ``order[:k]``."""
+        n, cap = len(order), self.cap
+        f_at: dict[int, float] = {}  # prefix size -> exact faithfulness
+
+        def run(*sizes: int) -> None:
+            todo = [k for k in dict.fromkeys(sizes) if k not in f_at and 0 <= k <= n]
+            for k, f in zip(todo, self.fs([order[:k] for k in todo]), strict=True):
+                f_at[k] = f
+                self._track(k, f)
+
+        def at_least(k: int) -> bool:  # f >= target: reached or overshot
+            return f_at[k] >= self.target - 1e-9
+
+        k0 = _first_guess(pred, self.target, cap)
+        self.growth = {"predicted_first": k0}
+        stacked = self.ev.level == "edge" or self.ev.semantics == "splice"
+        run(0, *([k0 - 1] if stacked and k0 > 1 else []), k0)
+        lo, hi = 0, k0  # f(P_lo) < target (the empty circuit's is 0); f(P_hi) >= target?
+        if at_least(k0):
+            step = 1
+            while hi - step > lo:  # walk down from the guess to a prefix below the target
+                run(hi - step)
+                if not at_least(hi - step):
+                    lo = hi - step
+                    break
+                hi, step = hi - step, 2 * step
+        else:
+            lo = k0
+            run(n)  # the full graph, once: if even it falls short, no prefix is walked
+            if not at_least(n):
+                self.growth["stopped"] = "the full graph is below the target"
+                return None
+            while not at_least(hi):
+                if hi >= cap:
+                    return None
+                lo, hi = hi, min(cap, 2 * hi)
+                run(hi)
+        while hi - lo > 1:  # bisect: lo below the target, hi at or above it
+            mid = (lo + hi) // 2
+            run(mid)
+            lo, hi = (lo, mid) if at_least(mid) else (mid, hi)
+        if self.reaches(f_at[hi]):
+            return order[:hi]
+        self.growth["walked_from"] = hi + 1  # the boundary prefix overshoots: walk on
+        done, chunk = hi, 8
+        while done < cap:
+            sizes = list(range(done + 1, min(cap, done + chunk) + 1))
+            run(*sizes)
+            for k in sizes:
+                if self.reaches(f_at[k]):
+                    return order[:k]
             done, chunk = sizes[-1], chunk * 2
-        return None if found is None else order[:found]
+        return None
 
     def acdc(self) -> list[Member] | None:
         circuit = list(self.ev.members)
@@ -315,11 +385,18 @@ class _Search:
     def prune(self, circuit: list[Member], *, sequential: bool) -> tuple[list[Member], list[float]]:
         """Drop members while the target holds; return the circuit and each member's loss."""
         circuit = list(circuit)
-        if sequential:
-            for x in reversed(list(circuit)):
-                trial = [y for y in circuit if y != x]
-                if self.reaches(self.f(trial)):
-                    circuit = trial
+        if sequential:  # latest-added first; stacked trials are speculative (see the docstring)
+            todo, i, width = list(reversed(circuit)), 0, 1
+            stacked = self.ev.level == "edge" or self.ev.semantics == "splice"
+            while i < len(todo):
+                block = todo[i : i + width]
+                fs = self.fs([[y for y in circuit if y != x] for x in block])
+                hit = next((j for j, g in enumerate(fs) if self.reaches(g)), None)
+                if hit is None:
+                    i, width = i + len(block), 2 * width if stacked else 1
+                else:
+                    circuit = [y for y in circuit if y != block[hit]]
+                    i, width = i + hit + 1, 1
         while True:
             f = self.f(circuit)
             drops = self.fs([[y for y in circuit if y != x] for x in circuit])
@@ -328,6 +405,30 @@ class _Search:
                 return circuit, [f - g for g in drops]
             dist = [self.dist(g) for g in drops]
             del circuit[min(ok, key=dist.__getitem__)]
+
+
+def predicted(estimates: Sequence[float], semantics: str) -> list[float]:
+    """Predicted faithfulness of each prefix ``estimates[:k]``, k = 0..len, from first-order
+    estimates in ranking order (fractions of the shift; a non-finite estimate counts 0): under
+    ``"ablate"`` ``1 - sum(estimates[k:])`` (each estimate is the loss of removing one member
+    from the full graph), else ``sum(estimates[:k])`` (each is what one member alone carries)."""
+    vals = [x if math.isfinite(x) else 0.0 for x in estimates]
+    sums = [0.0]
+    for x in vals:
+        sums.append(sums[-1] + x)
+    if semantics == "ablate":
+        return [1.0 - (sums[-1] - c) for c in sums]
+    return sums
+
+
+def _first_guess(pred: Sequence[float], target: float, cap: int) -> int:
+    """The smallest prefix size in 1..cap predicted to reach ``target``, else the one predicted
+    closest to 1."""
+    sizes = range(1, cap + 1)
+    for k in sizes:
+        if pred[k] >= target:
+            return k
+    return min(sizes, key=lambda k: abs(pred[k] - 1))
 
 
 def _backwards(members: Sequence[Member], level: str) -> list[Member]:
