@@ -41,6 +41,11 @@ class MissingTokenizerError(ModelLoadError):
     """A checkpoint has no usable tokenizer (a directory without tokenizer files loads empty)."""
 
 
+class MissingRevisionError(ModelLoadError):
+    """A hub revision (branch, tag or commit) is not in the local Hugging Face cache while the hub
+    is offline; the message lists the refs and snapshots that are cached for that repository."""
+
+
 class MissingDependencyError(MechDeltaError, ImportError):
     """An optional dependency (e.g. ``peft``) is needed for this call but is not installed."""
 
@@ -88,6 +93,15 @@ class DeviceMismatchError(IncompatibleModelsError):
 
 class IdenticalModelsError(IncompatibleModelsError):
     """The two models have identical weights, so there is no shift to explain."""
+
+
+class DuplicateCheckpointsError(IdenticalModelsError):
+    """Two or more checkpoints of a series hold identical weights. ``groups`` lists the labels
+    of each set of checkpoints that share one weight hash."""
+
+    def __init__(self, message: str, *, groups: tuple[tuple[object, ...], ...] = ()) -> None:
+        super().__init__(message)
+        self.groups = groups
 
 
 # --- patching and results -------------------------------------------------------------------------

@@ -140,6 +140,99 @@ class CheckpointSeries:
                 ) from exc
         self._pairs: dict[str, list[ModelPair]] = {}
 
+    @classmethod
+    def from_revisions(
+        cls,
+        name: str,
+        revisions: Sequence[str],
+        *,
+        reference: int = 0,
+        labels: Sequence[Label] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        processing: str = "raw",
+        tokenizer: Any = None,
+        allow_duplicates: bool = False,
+        trust_remote_code: bool = False,
+    ) -> CheckpointSeries:
+        """The revisions of one hub repository as a series, e.g. Pythia's training checkpoints:
+        ``CheckpointSeries.from_revisions("EleutherAI/pythia-70m", ["step1000", "step2000"])``.
+
+        Each revision (branch, tag or commit hash) is loaded like :meth:`ModelPair.load
+        <mechdelta.ModelPair.load>` with that revision, through the standard Hugging Face cache
+        (offline with ``HF_HUB_OFFLINE=1``: every revision is checked to be cached before any is
+        loaded, else :class:`~mechdelta.errors.MissingRevisionError` naming what is cached).
+        Labels default to the revision strings; names are ``name@revision``.
+
+        Duplicates are found by weight hash across the *whole* series (not only neighbours): when
+        two or more revisions hold identical weights this raises
+        :class:`~mechdelta.errors.DuplicateCheckpointsError` listing each group of revisions
+        with the same weights; ``allow_duplicates=True`` warns instead (and the series' pairs
+        then accept identical models).
+        """
+        import warnings
+
+        from mechdelta.core._loading import (
+            Processing,
+            load_bridge,
+            resolve_device,
+            resolve_dtype,
+            resolve_source,
+        )
+        from mechdelta.core._revisions import check_revision, label
+        from mechdelta.core.provenance import weights_hash
+        from mechdelta.errors import DuplicateCheckpointsError
+
+        if isinstance(revisions, str) or len(revisions) < 2:
+            raise ConfigError(
+                f"from_revisions needs a list of at least 2 revisions, got {revisions!r}"
+            )
+        revs = [check_revision(r) or "main" for r in revisions]
+        if len(set(revs)) != len(revs):
+            raise ConfigError(f"revisions must be distinct, got {list(revs)}")
+        labs = tuple(revs) if labels is None else _labels(labels, len(revs))
+        proc, dt, dev = Processing.coerce(processing), resolve_dtype(dtype), resolve_device(device)
+        for rev in revs:  # all checked before any (slow) load
+            resolve_source(name, need_tokenizer=tokenizer is None, revision=rev)
+        models = [
+            load_bridge(
+                name,
+                device=dev,
+                dtype=dt,
+                processing=proc,
+                tokenizer=tokenizer,
+                revision=rev,
+                trust_remote_code=trust_remote_code,
+            )
+            for rev in revs
+        ]
+        by_hash: dict[str, list[int]] = {}
+        for i, model in enumerate(models):
+            by_hash.setdefault(weights_hash(model.state_dict()), []).append(i)
+        groups = [idx for idx in by_hash.values() if len(idx) > 1]
+        if groups:
+            listed = "; ".join(
+                " = ".join(f"{revs[i]!r} (label {labs[i]!r})" for i in idx) for idx in groups
+            )
+            msg = (
+                f"{sum(len(g) for g in groups)} of the {len(revs)} revisions of {name!r} hold "
+                f"duplicate weights (same weight hash): {listed}. Comparing them shows no shift."
+            )
+            if not allow_duplicates:
+                raise DuplicateCheckpointsError(
+                    msg + " Drop all but one revision of each group, or pass "
+                    "allow_duplicates=True to keep them (with a warning)",
+                    groups=tuple(tuple(labs[i] for i in idx) for idx in groups),
+                )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        return cls(
+            models,
+            reference,
+            labels=labs,
+            names=[label(name, r) for r in revs],
+            allow_identical=allow_duplicates,
+        )
+
     def __len__(self) -> int:
         return len(self.models)
 

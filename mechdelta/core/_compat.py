@@ -1,8 +1,11 @@
 """The compatibility contract between a reference and an intervened model.
 
-Checked before any patching: same architecture fields, same hook names and activation shapes, same
-tokenizer vocabulary, same weight processing, same dtype and device. Each violation raises its own
-typed error naming both values and how to fix it.
+Checked before any patching: same tokenizer vocabulary, same architecture fields, same hook names
+and activation shapes, same weight processing, same dtype and device. Each violation raises its own
+typed error naming both values and how to fix it. Tokenizers that differ are diagnosed
+(:mod:`mechdelta.core._tokenizers`); a pair whose vocabularies differ only by appended tokens can
+opt in to the shared vocabulary (``vocab="shared"``: :func:`apply_shared_vocabulary`, then
+``check_compatible(..., vocab="shared")``).
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ from typing import Any
 import torch
 
 from mechdelta.core._loading import bridge_processing
+from mechdelta.core._tokenizers import SharedVocabulary, diagnose_tokenizers, restrict_vocabulary
 from mechdelta.errors import (
     ArchitectureMismatchError,
+    ConfigError,
     DeviceMismatchError,
     DtypeMismatchError,
     HookMismatchError,
     ProcessingMismatchError,
     TokenizerMismatchError,
 )
+
+# How a pair treats its tokenizers: "exact" (identical) or "shared" (appended tokens mapped away).
+VOCAB_MODES = ("exact", "shared")
 
 # Architecture fields that must agree for site-by-site comparison.
 ARCH_FIELDS = (
@@ -62,12 +70,62 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def check_tokenizers(reference: Any, intervened: Any, *, vocab: str = "exact") -> None:
+    """Raise the explained :class:`TokenizerMismatchError` unless the tokenizers may pair.
+
+    ``vocab="exact"``: identical vocabularies and special tokens. ``vocab="shared"``: identical,
+    or one vocabulary is the other plus appended tokens (see :mod:`mechdelta.core._tokenizers`).
+    """
+    if vocab not in VOCAB_MODES:
+        raise ConfigError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}")
+    tr, ti = tokenizer_hash(reference), tokenizer_hash(intervened)
+    if tr == ti:
+        return
+    if reference is None or intervened is None:
+        raise TokenizerMismatchError(
+            f"tokenizers differ: reference vocabulary hash {tr}, intervened {ti}. Token ids would "
+            "not mean the same thing; load both models with one tokenizer (tokenizer=...)."
+        )
+    diff = diagnose_tokenizers(reference, intervened)
+    if diff.kind == "identical" or (diff.kind == "appended" and vocab == "shared"):
+        return
+    raise diff.error()
+
+
+def apply_shared_vocabulary(reference: Any, intervened: Any) -> SharedVocabulary:
+    """Map an appended-tokens pair onto its shared vocabulary, in place; return the mapping.
+
+    Both models' embedding and unembedding are cut to the shared ids
+    (:func:`~mechdelta.core._tokenizers.restrict_vocabulary`), so every logit either model
+    produces afterwards is a shared token's and softmax metrics renormalise over the shared
+    vocabulary. Raises the explained :class:`TokenizerMismatchError` for any other difference.
+    """
+    mapping = SharedVocabulary.from_tokenizers(reference.tokenizer, intervened.tokenizer)
+    for label, model in (("reference", reference), ("intervened", intervened)):
+        if int(model.cfg.d_vocab) < mapping.n_shared:
+            raise TokenizerMismatchError(
+                f"the {label} model has d_vocab={model.cfg.d_vocab}, fewer rows than the "
+                f"{mapping.n_shared} shared token ids: its tokenizer does not belong to it"
+            )
+        restrict_vocabulary(model, mapping.n_shared)
+    return mapping
+
+
 def first_param(model: Any) -> torch.Tensor:
     return next(iter(model.parameters()))
 
 
-def check_compatible(reference: Any, intervened: Any, *, check_activations: bool = True) -> None:
-    """Raise a specific IncompatibleModelsError subclass on the first violation found."""
+def check_compatible(
+    reference: Any, intervened: Any, *, check_activations: bool = True, vocab: str = "exact"
+) -> None:
+    """Raise a specific IncompatibleModelsError subclass on the first violation found.
+
+    The tokenizers are compared first (a vocabulary difference also shows up as a ``d_vocab``
+    difference, and the tokenizer diagnosis says more). ``vocab="exact"`` requires identical
+    tokenizers; ``vocab="shared"`` also accepts tokenizers that differ only by appended tokens,
+    once :func:`apply_shared_vocabulary` has cut both models to the shared ids.
+    """
+    check_tokenizers(reference.tokenizer, intervened.tokenizer, vocab=vocab)
     for name in ARCH_FIELDS:
         r, i = arch_value(reference.cfg, name), arch_value(intervened.cfg, name)
         if r != i:
@@ -80,12 +138,6 @@ def check_compatible(reference: Any, intervened: Any, *, check_activations: bool
         raise ProcessingMismatchError(
             f"weight processing differs: reference={pr.value!r}, intervened={pi.value!r}. "
             "Load both with the same processing= (or call enable_compatibility_mode() on both)."
-        )
-    tr, ti = tokenizer_hash(reference.tokenizer), tokenizer_hash(intervened.tokenizer)
-    if tr != ti:
-        raise TokenizerMismatchError(
-            f"tokenizers differ: reference vocabulary hash {tr}, intervened {ti}. Token ids would "
-            "not mean the same thing; load both models with one tokenizer (tokenizer=...)."
         )
     p_r, p_i = first_param(reference), first_param(intervened)
     if p_r.dtype != p_i.dtype:

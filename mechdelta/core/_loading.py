@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from mechdelta.core._revisions import cached_snapshot, check_revision, label
 from mechdelta.errors import (
     ConfigError,
     DeviceError,
     DeviceOutOfMemoryError,
-    MissingDependencyError,
     MissingTokenizerError,
     ModelLoadError,
 )
@@ -243,6 +243,12 @@ class Source:
     name: str
     target: str
     local: bool
+    revision: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name@revision``."""
+        return label(self.name, self.revision)
 
 
 def is_local_path(source: str | os.PathLike[str]) -> bool:
@@ -261,26 +267,37 @@ def is_local_path(source: str | os.PathLike[str]) -> bool:
     )
 
 
-def resolve_source(source: str | os.PathLike[str], *, need_tokenizer: bool) -> Source:
+def resolve_source(
+    source: str | os.PathLike[str], *, need_tokenizer: bool, revision: str | None = None
+) -> Source:
     """Check a local checkpoint directory or hub name before anything slow is loaded.
 
-    A directory must hold ``config.json`` (and tokenizer files when ``need_tokenizer``). A hub name
-    must be well formed, and with ``HF_HUB_OFFLINE`` set it must be in the local Hugging Face
-    cache (``$HF_HOME/hub``), since nothing can be downloaded.
+    A directory must hold ``config.json`` (and tokenizer files when ``need_tokenizer``); it takes
+    no ``revision``. A hub name must be well formed, and with ``HF_HUB_OFFLINE`` set its
+    ``revision`` (branch, tag or commit; ``None`` = ``main``) must be in the local Hugging Face
+    cache (``$HF_HOME/hub``), since nothing can be downloaded: a cached repository without that
+    revision raises :class:`~mechdelta.errors.MissingRevisionError` naming what is cached.
     """
     name = os.fspath(source)
+    rev = check_revision(revision)
     if is_local_path(source):
+        if rev is not None:
+            raise ConfigError(
+                f"revision={rev!r} applies to hub names, but {name!r} is a local directory; "
+                "drop revision=, or give the hub name (ORG/NAME) of the repository"
+            )
         path = Path(name).expanduser()
         _check_checkpoint_dir(name, path, need_tokenizer=need_tokenizer)
         return Source(name=name, target=os.fspath(path), local=True)
-    snapshot = _check_hub_name(name)
+    snapshot = _check_hub_name(name, rev)
     if snapshot is not None and need_tokenizer and not _has_tokenizer_files(snapshot):
+        at = "" if rev is None else f" --revision {rev}"
         raise MissingTokenizerError(
-            f"hub model {name!r} is cached at {os.fspath(snapshot)} without tokenizer files "
-            f"({', '.join(_TOKENIZER_FILES)}), and nothing can be downloaded offline; download "
-            f"them once with network (`hf download {name}`) or pass tokenizer=..."
+            f"hub model {label(name, rev)!r} is cached at {os.fspath(snapshot)} without tokenizer "
+            f"files ({', '.join(_TOKENIZER_FILES)}), and nothing can be downloaded offline; "
+            f"download them once with network (`hf download {name}{at}`) or pass tokenizer=..."
         )
-    return Source(name=name, target=name, local=False)
+    return Source(name=name, target=name, local=False, revision=rev)
 
 
 def _has_tokenizer_files(path: Path) -> bool:
@@ -328,9 +345,9 @@ def _hub_repo(name: str) -> str:
     return name
 
 
-def _check_hub_name(name: str) -> Path | None:
+def _check_hub_name(name: str, revision: str | None = None) -> Path | None:
     """Validate a hub name; offline, return its cached snapshot directory or raise with the fix."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -347,14 +364,14 @@ def _check_hub_name(name: str) -> Path | None:
     if flag is None:
         return None
     repo = _hub_repo(name)
-    cached = try_to_load_from_cache(repo, "config.json")
-    if isinstance(cached, str):
-        return Path(cached).parent
+    snapshot = cached_snapshot(repo, revision, name=name, offline_flag=flag)
+    if snapshot is not None:
+        return snapshot
     folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
     alias = f" (TransformerLens's name for {name!r})" if repo != name else ""
     raise ModelLoadError(
         f"hub model {repo!r}{alias} is not in the local Hugging Face cache (looked for "
-        f"{folder}/refs/main and that snapshot's config.json), and there is no local directory "
+        f"{folder}/refs/{revision or 'main'} and that snapshot's config.json), and there is no local directory "
         f"{name!r}; {flag} is set, so nothing is downloaded. Fix: download it once with network "
         f"(`hf download {repo}`, or load it once without {flag.split('=')[0]}) into this cache "
         "(HF_HOME or HF_HUB_CACHE set where it is), or give a local checkpoint directory written "
@@ -367,14 +384,16 @@ def _load_failure(source: Source, exc: BaseException) -> str:
     if source.local:
         return f"could not load checkpoint directory {source.name!r}: {detail}"
     flag = _offline_flag()
+    at = "" if source.revision is None else f" --revision {source.revision}"
     hint = (
         f"{flag} is set, so nothing is downloaded and the cached copy may be incomplete: download "
-        f"it again with network (`hf download {source.name}`) or give a local checkpoint directory"
+        f"it again with network (`hf download {source.name}{at}`) or give a local checkpoint "
+        "directory"
         if flag
-        else "check the name as spelled on huggingface.co (ORG/NAME) and the network, run "
-        "`hf auth login` for a gated model, or give a local checkpoint directory"
+        else "check the name as spelled on huggingface.co (ORG/NAME), the revision, and the "
+        "network, run `hf auth login` for a gated model, or give a local checkpoint directory"
     )
-    return f"could not load hub model {source.name!r}: {detail}. Fix: {hint}"
+    return f"could not load hub model {source.label!r}: {detail}. Fix: {hint}"
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -387,33 +406,41 @@ def load_bridge(
     dtype: torch.dtype,
     processing: Processing,
     tokenizer: Any = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Any:
-    """Load a TransformerBridge from a hub name or a local HF checkpoint directory."""
+    """Load a TransformerBridge from a hub name (at ``revision``) or a local HF checkpoint
+    directory (sharded safetensors included: whatever ``from_pretrained`` reads)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     _quiet_transformers()
     dev = resolve_device(device)
-    src = resolve_source(source, need_tokenizer=tokenizer is None)
+    src = resolve_source(source, need_tokenizer=tokenizer is None, revision=revision)
     try:
         with (
             _loadable_tokenizer(tokenizer) as tok,
-            out_of_memory_as_error(repr(src.name), dev, dtype),
+            out_of_memory_as_error(repr(src.label), dev, dtype),
         ):
             bridge = TransformerBridge.boot_transformers(
-                src.target, device=dev, dtype=dtype, tokenizer=tok
+                src.target,
+                device=dev,
+                dtype=dtype,
+                tokenizer=tok,
+                revision=src.revision,
+                trust_remote_code=trust_remote_code,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(_load_failure(src, exc)) from exc
-    return finish_bridge(bridge, where=repr(src.name), processing=processing)
+    return finish_bridge(bridge, where=repr(src.label), processing=processing)
 
 
-def load_tokenizer(source: str | os.PathLike[str]) -> Any:
-    """The tokenizer saved with a checkpoint directory or hub model."""
+def load_tokenizer(source: str | os.PathLike[str], revision: str | None = None) -> Any:
+    """The tokenizer saved with a checkpoint directory or hub model (at ``revision``)."""
     from transformers import AutoTokenizer
 
-    src = resolve_source(source, need_tokenizer=True)
+    src = resolve_source(source, need_tokenizer=True, revision=revision)
     try:
-        return AutoTokenizer.from_pretrained(src.target)
+        return AutoTokenizer.from_pretrained(src.target, revision=src.revision)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"tokenizer: {_load_failure(src, exc)}") from exc
 
@@ -452,41 +479,6 @@ def bridge_from_hf(
         detail = " ".join(str(exc).split())
         raise ModelLoadError(f"could not wrap {type(hf_model).__name__}: {detail}") from exc
     return finish_bridge(bridge, where=what, processing=processing)
-
-
-def merged_peft_model(
-    base: str | os.PathLike[str],
-    adapter_dir: str | os.PathLike[str],
-    dtype: torch.dtype,
-    device: str | torch.device | None = None,
-) -> Any:
-    """Load a base HF model, merge a local PEFT/LoRA adapter onto it, move it to ``device``."""
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "loading a PEFT/LoRA adapter needs the optional dependency 'peft': "
-            "pip install 'mechdelta[peft]'"
-        ) from exc
-    from transformers import AutoModelForCausalLM
-
-    _quiet_transformers()
-    dev = resolve_device(device)
-    adapter = Path(adapter_dir).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelLoadError(
-            f"{os.fspath(adapter_dir)!r} has no adapter_config.json: not a PEFT adapter"
-        )
-    src = resolve_source(base, need_tokenizer=False)
-    try:
-        with out_of_memory_as_error(f"{src.name!r} + adapter", dev, dtype):
-            model = AutoModelForCausalLM.from_pretrained(src.target, dtype=dtype)
-            merged = PeftModel.from_pretrained(model, os.fspath(adapter)).merge_and_unload()
-            merged.to(dev)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())
-        raise ModelLoadError(f"could not merge adapter {os.fspath(adapter)!r}: {detail}") from exc
-    return merged
 
 
 def finish_bridge(bridge: Any, *, where: str, processing: Processing) -> Any:

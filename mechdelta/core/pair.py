@@ -10,12 +10,18 @@ from __future__ import annotations
 import html
 import os
 import warnings
+from dataclasses import replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechdelta.core._compat import check_compatible, tokenizer_hash
+from mechdelta.core._compat import (
+    VOCAB_MODES,
+    apply_shared_vocabulary,
+    check_compatible,
+    tokenizer_hash,
+)
 from mechdelta.core._layout import head_axes
 from mechdelta.core._loading import (
     Processing,
@@ -23,15 +29,19 @@ from mechdelta.core._loading import (
     bridge_processing,
     load_bridge,
     load_tokenizer,
-    merged_peft_model,
     resolve_device,
     resolve_dtype,
     resolve_source,
 )
+from mechdelta.core._revisions import check_revision, label, resolved_commit
 from mechdelta.core.provenance import environment, weights_hash
 from mechdelta.core.sites import ModelShape
 from mechdelta.core.weights import WeightDiff, weight_diff
-from mechdelta.errors import IdenticalModelsError
+from mechdelta.errors import ConfigError, IdenticalModelsError
+
+if TYPE_CHECKING:
+    from mechdelta.core._adapters import AdapterInfo
+    from mechdelta.core._tokenizers import SharedVocabulary
 
 __all__ = ["ModelPair"]
 
@@ -48,6 +58,13 @@ class ModelPair:
         names: display names of the two models (e.g. checkpoint paths or hub ids).
         check_activations: run a 2-token probe through both models to compare every cached
             activation shape (cheap; disable only for huge models on slow devices).
+        vocab: ``"exact"`` (default): the tokenizers must be identical. ``"shared"``: a pair
+            whose vocabularies differ only by tokens appended at the end (added chat or special
+            tokens) runs on the shared vocabulary: both models' embedding and unembedding are cut
+            to the shared ids *in place* (softmax metrics then renormalise over the shared
+            vocabulary; logit differences are unchanged), and a task using an appended token is
+            a :class:`~mechdelta.errors.TaskError`. Any other tokenizer difference raises an
+            explained :class:`~mechdelta.errors.TokenizerMismatchError`.
     """
 
     def __init__(
@@ -58,15 +75,26 @@ class ModelPair:
         allow_identical: bool = False,
         names: tuple[str, str] = ("reference", "intervened"),
         check_activations: bool = True,
+        vocab: str = "exact",
     ) -> None:
-        check_compatible(reference, intervened, check_activations=check_activations)
+        if vocab not in VOCAB_MODES:
+            raise ConfigError(f"vocab must be one of {', '.join(VOCAB_MODES)}, got {vocab!r}")
+        #: the shared-vocabulary mapping (``vocab="shared"`` on an appended-tokens pair).
+        self.vocabulary: SharedVocabulary | None = None
+        if vocab == "shared" and tokenizer_hash(reference.tokenizer) != tokenizer_hash(
+            intervened.tokenizer
+        ):
+            self.vocabulary = apply_shared_vocabulary(reference, intervened)
+        check_compatible(reference, intervened, check_activations=check_activations, vocab=vocab)
         self.reference = reference.eval()
         self.intervened = intervened.eval()
         self.names = (str(names[0]), str(names[1]))
+        #: the PEFT adapter merged into the intervened model (set by :meth:`from_adapter`).
+        self.adapter: AdapterInfo | None = None
         if self.reference_hash == self.intervened_hash:
             msg = (
-                f"reference and intervened have identical weights (hash {self.reference_hash}): "
-                "there is no shift to explain."
+                f"reference {self.names[0]!r} and intervened {self.names[1]!r} have identical "
+                f"weights (hash {self.reference_hash}): there is no shift to explain."
             )
             if not allow_identical:
                 raise IdenticalModelsError(
@@ -82,38 +110,69 @@ class ModelPair:
         reference: str | os.PathLike[str],
         intervened: str | os.PathLike[str],
         *,
+        reference_revision: str | None = None,
+        intervened_revision: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         processing: Processing | str = "raw",
         tokenizer: Any = None,
         allow_identical: bool = False,
+        trust_remote_code: bool = False,
+        vocab: str = "exact",
     ) -> ModelPair:
-        """Load two checkpoints, each a local HF checkpoint directory or a hub name.
+        """Load two checkpoints, each a local HF checkpoint directory or a hub name (at a revision).
 
         A string starting with ``/``, ``./``, ``../`` or ``~``, a path object, or anything that
-        exists is a local directory (written by ``save_pretrained``); any other name, such as
-        ``"EleutherAI/pythia-160m"``, is loaded from the Hugging Face hub, which with
-        ``HF_HUB_OFFLINE=1`` means from the local cache (``$HF_HOME/hub``) only.
+        exists is a local directory (written by ``save_pretrained``; sharded safetensors too); any
+        other name, such as ``"EleutherAI/pythia-160m"``, is loaded from the Hugging Face hub
+        through the standard cache (``$HF_HUB_CACHE``, default ``$HF_HOME/hub``), which with
+        ``HF_HUB_OFFLINE=1`` means from that cache only.
+
+        ``reference_revision`` / ``intervened_revision``: the hub revision (branch, tag or commit
+        hash, e.g. Pythia's ``"step1000"``; ``None`` = ``main``) of each hub name; the common case is
+        one name at two revisions, ``ModelPair.load(name, name, reference_revision="step1000",
+        intervened_revision="step2000")``. The pair's names are then ``name@revision``. Offline, a
+        revision the cache does not hold raises :class:`~mechdelta.errors.MissingRevisionError`
+        listing the refs and snapshot commits that *are* cached; two revisions holding identical
+        weights raise :class:`~mechdelta.errors.IdenticalModelsError` naming both revisions and
+        the commits they resolve to (unless ``allow_identical``).
 
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``None``/``"auto"`` (the
         first GPU when one is visible, else the CPU); a device that cannot work raises
         :class:`~mechdelta.errors.DeviceError` before anything is loaded.
         ``processing="raw"`` keeps HF weights (logits match HF); ``"compat"`` applies
         TransformerLens's HookedTransformer-style processing to both models.
+        ``trust_remote_code``: passed to ``from_pretrained`` (for architectures with custom code).
+        ``vocab``: ``"shared"`` runs a pair whose tokenizers differ only by appended tokens on the
+        shared vocabulary (see the class docstring; each model keeps its own tokenizer, so do not
+        pass ``tokenizer=``).
         """
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
-        for source in (reference, intervened):  # both checked before either (slow) load
-            resolve_source(source, need_tokenizer=tokenizer is None)
-        ref = load_bridge(reference, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
-        itv = load_bridge(intervened, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
-        return cls(
-            ref,
-            itv,
-            allow_identical=allow_identical,
-            names=(os.fspath(reference), os.fspath(intervened)),
+        revs = (check_revision(reference_revision), check_revision(intervened_revision))
+        sources = (reference, intervened)
+        for source, rev in zip(sources, revs, strict=True):  # both checked before either load
+            resolve_source(source, need_tokenizer=tokenizer is None, revision=rev)
+        ref, itv = (
+            load_bridge(
+                source,
+                device=dev,
+                dtype=dt,
+                processing=proc,
+                tokenizer=tokenizer,
+                revision=rev,
+                trust_remote_code=trust_remote_code,
+            )
+            for source, rev in zip(sources, revs, strict=True)
         )
+        names = (label(os.fspath(reference), revs[0]), label(os.fspath(intervened), revs[1]))
+        try:
+            return cls(ref, itv, allow_identical=allow_identical, names=names, vocab=vocab)
+        except IdenticalModelsError as exc:
+            if revs == (None, None):
+                raise
+            raise IdenticalModelsError(_same_revisions(sources, revs, exc)) from exc
 
     @classmethod
     def from_hf(
@@ -149,6 +208,87 @@ class ModelPair:
         )
 
     @classmethod
+    def from_adapter(
+        cls,
+        base: str | os.PathLike[str],
+        adapter: str | os.PathLike[str],
+        *,
+        merge: bool = True,
+        base_revision: str | None = None,
+        adapter_revision: str | None = None,
+        tokenizer: Any = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        processing: Processing | str = "raw",
+        allow_identical: bool = False,
+        trust_remote_code: bool = False,
+    ) -> ModelPair:
+        """Reference = ``base``; intervened = ``base`` with the PEFT ``adapter`` merged into its
+        weights (LoRA: each adapted weight becomes ``W + scale * B @ A``; likewise every adapter
+        type PEFT's ``merge_and_unload`` merges: IA3, LoHa, LoKr, ...).
+
+        ``base`` is a local directory or hub name (at ``base_revision``); ``adapter`` the
+        directory ``PeftModel.save_pretrained`` wrote, or a hub name (at ``adapter_revision``).
+        Only the adapted modules' weights differ, so ``pair.weight_diff()`` shows the change
+        confined to them; ``pair.adapter`` (an ``AdapterInfo``) names the adapter, its PEFT
+        type, its target modules and the HF parameters the merge changed.
+
+        An adapter whose merged weights equal the base (e.g. a LoRA saved at PEFT's default
+        initialisation, B = 0) raises :class:`~mechdelta.errors.IdenticalModelsError` naming the
+        adapter (unless ``allow_identical``). ``merge=False`` (keeping the adapter as separate
+        layers) is not supported: the bridge's hooks and weight comparison need plain weights,
+        and merged and unmerged LoRA compute the same function. Needs the optional dependency
+        ``peft`` (``pip install 'mechdelta[peft]'``), else
+        :class:`~mechdelta.errors.MissingDependencyError`.
+        """
+        from mechdelta.core._adapters import adapter_info, changed_parameters, merged_adapter_model
+
+        if merge is not True:
+            raise ConfigError(
+                "from_adapter(merge=False) is not supported: mechdelta compares plain weights "
+                "and hooks plain modules, and a merged adapter computes the same function as the "
+                "unmerged one; use merge=True (the default)"
+            )
+        proc = Processing.coerce(processing)
+        dt = resolve_dtype(dtype)
+        dev = resolve_device(device)
+        base_model, merged = merged_adapter_model(
+            base,
+            adapter,
+            dtype=dt,
+            device=dev,
+            base_revision=base_revision,
+            adapter_revision=adapter_revision,
+            trust_remote_code=trust_remote_code,
+        )
+        info = adapter_info(adapter, adapter_revision)
+        info = replace(info, changed=changed_parameters(base_model, merged))
+        base_name = label(os.fspath(base), base_revision)
+        adapter_name = label(os.fspath(adapter), adapter_revision)
+        if not info.changed and not allow_identical:
+            raise IdenticalModelsError(
+                f"PEFT adapter {adapter_name!r} ({info.peft_type}, targets "
+                f"{list(info.target_modules)}) leaves base {base_name!r} unchanged: merged, every "
+                "weight equals the base's, so there is no shift to explain. A LoRA saved at PEFT's "
+                "default initialisation (lora_B = 0) does this: save the adapter after training, "
+                "or pass allow_identical=True for a deliberate self-comparison"
+            )
+        if tokenizer is None:
+            tokenizer = load_tokenizer(base, revision=base_revision)
+        ref, itv = (
+            bridge_from_hf(model, tokenizer=tokenizer, processing=proc, name=name)
+            for model, name in ((base_model, "reference"), (merged, "intervened"))
+        )
+        pair = cls(
+            ref,
+            itv,
+            allow_identical=allow_identical,
+            names=(base_name, f"{base_name} + {adapter_name}"),
+        )
+        pair.adapter = info
+        return pair
+
+    @classmethod
     def from_peft(
         cls,
         base: str | os.PathLike[str],
@@ -159,19 +299,10 @@ class ModelPair:
         device: str | torch.device | None = None,
         processing: Processing | str = "raw",
     ) -> ModelPair:
-        """Reference = ``base``; intervened = ``base`` with the PEFT/LoRA ``adapter`` merged in.
-
-        Needs the optional dependency ``peft`` (``pip install 'mechdelta[peft]'``).
-        """
-        proc = Processing.coerce(processing)
-        dt = resolve_dtype(dtype)
-        dev = resolve_device(device)
-        merged = merged_peft_model(base, adapter, dt, dev)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(base)
-        ref = load_bridge(base, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
-        itv = bridge_from_hf(merged, tokenizer=tokenizer, processing=proc, name="intervened")
-        return cls(ref, itv, names=(os.fspath(base), f"{os.fspath(base)} + {os.fspath(adapter)}"))
+        """The earlier name of :meth:`from_adapter` (same arguments, same pair)."""
+        return cls.from_adapter(
+            base, adapter, tokenizer=tokenizer, dtype=dtype, device=device, processing=processing
+        )
 
     # --- properties ---------------------------------------------------------------------------
 
@@ -181,6 +312,10 @@ class ModelPair:
 
     @property
     def tokenizer(self) -> Any:
+        """The tokenizer prompts are encoded with: the reference's, or under a shared vocabulary
+        the larger one (so an appended token in a prompt is caught, not split into pieces)."""
+        if self.vocabulary is not None:
+            return getattr(self, self.vocabulary.extended).tokenizer
         return self.reference.tokenizer
 
     @cached_property
@@ -235,13 +370,18 @@ class ModelPair:
         )
 
     def provenance_models(self) -> dict[str, Any]:
-        return {
+        out = {
             "reference": {"name": self.names[0], "weights_hash": self.reference_hash},
             "intervened": {"name": self.names[1], "weights_hash": self.intervened_hash},
             "tokenizer_hash": self.tokenizer_hash,
             "processing": self.processing.value,
             "dtype": str(self.dtype),
         }
+        if self.adapter is not None:
+            out["adapter"] = self.adapter.as_dict()
+        if self.vocabulary is not None:
+            out["vocab"] = self.vocabulary.to_dict()
+        return out
 
     # --- display ------------------------------------------------------------------------------
 
@@ -290,3 +430,21 @@ class ModelPair:
             for k, v in self._summary_fields()
         )
         return f"<b>ModelPair</b><table>{rows}</table>"
+
+
+def _same_revisions(
+    sources: tuple[str | os.PathLike[str], str | os.PathLike[str]],
+    revs: tuple[str | None, str | None],
+    exc: IdenticalModelsError,
+) -> str:
+    """The IdenticalModelsError message for two revisions that hold the same weights."""
+    parts = []
+    for source, rev in zip(sources, revs, strict=True):
+        name = os.fspath(source)
+        commit = None if rev is None else resolved_commit(name, rev)
+        at = f" (commit {commit})" if commit is not None and commit != rev else ""
+        parts.append(f"{label(name, rev)!r}{at}")
+    return (
+        f"revisions {parts[0]} and {parts[1]} hold identical weights: {exc} (Some hub "
+        "repositories hold the same weights under several revisions; pick revisions that differ.)"
+    )

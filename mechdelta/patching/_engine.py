@@ -80,6 +80,9 @@ class PatchEngine:
         self.progress = progress
         self.device = pair.device
         cfg = pair.cfg
+        vocabulary = getattr(pair, "vocabulary", None)
+        if vocabulary is not None:  # a shared-vocabulary pair: name any appended token used
+            vocabulary.check_task(task)
         self.prepared: PreparedTask = task.prepare(
             pair.tokenizer, n_ctx=int(cfg.n_ctx), d_vocab=int(cfg.d_vocab)
         )
