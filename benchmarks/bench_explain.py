@@ -45,20 +45,32 @@ def main() -> None:
             frame = e.steering.to_dataframe()
             at1 = frame[frame["alpha"] == 1.0]
             steering = ", ".join(
-                f"{r['measure']} {r['fraction']:.2f} (random max {r['control_max']:.2f})"
+                f"{r['site']} {r['measure']} {r['fraction']:.2f} [{r['ci_low']:.2f}, "
+                f"{r['ci_high']:.2f}] (random mean {r['control_mean']:.2f}, max "
+                f"{r['control_max']:.2f})"
                 for r in at1.to_dict("records")
             )
+        screen = ""
+        if e.representations is not None:
+            frame = e.representations.to_dataframe()
+            cka = frame[(frame["site"] == "resid_post") & (frame["measure"] == "cka")]
+            screen = ", ".join(
+                f"L{int(r['layer'])} {r['value']:.2f}" for r in cka.to_dict("records")
+            )
+            first = e.representations.candidates(1)
+            screen += f"; first candidate {first[0].site}" if first else "; no candidate"
         circuit = (
             "" if e.circuit is None else f"{len(e.circuit)} nodes, f={e.circuit.faithfulness:.2f}"
         )
         rows.append((name, e.status, len(e.all_claims()), ", ".join(e.located.get("components", [])[:4]),
-                     steering, circuit, {k: round(v, 1) for k, v in e.timings.items()},
+                     screen, steering, circuit, {k: round(v, 1) for k, v in e.timings.items()},
                      round(total - stages, 1), round(total, 1), len(shots)))  # fmt: skip
     print(f"explain on the zoo (n_boot {args.n_boot}; reports under {root})")
     print(
-        "| pair | status | claims | located | steering at alpha=1 | circuit | stages s | report s | total s | screenshots |"
+        "| pair | status | claims | located | resid_post CKA | steering at alpha=1 | circuit "
+        "| stages s | report s | total s | screenshots |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
