@@ -375,20 +375,24 @@ def bench_induction(args: argparse.Namespace) -> list[str]:
     entry = md.zoo.load("induction")
     pair, task = entry.pair, entry.task
     runs = [
-        ("node", "graft", I2R, None),
-        ("node", "graft", R2I, None),
-        ("edge", "splice", I2R, args.induction_edge_max),
-        ("edge", "ablate", I2R, args.induction_edge_max),
+        ("node", "graft", I2R, None, "attribution"),
+        ("node", "graft", R2I, None, "attribution"),
+        ("node", "graft", R2I, None, "greedy"),
+        ("edge", "splice", I2R, args.induction_edge_max, "attribution"),
+        ("edge", "ablate", I2R, args.induction_edge_max, "attribution"),
+        ("edge", "graft", R2I, args.induction_edge_max, "attribution"),
     ]
+    if args.induction_graft_i2r:  # minutes: mostly the pruning of a ~36-member circuit
+        runs.append(("edge", "graft", I2R, args.induction_edge_max, "attribution"))
     out = [
         "Induction (zoo 'induction', task second_copy_loss): faithfulness of the prefixes of the "
         "attribution ranking that growth evaluated exactly (size: f; growth skips the others); "
         "* = the returned (pruned) circuit.",
     ]
-    print("\ninduction curves (attribution):")
-    for level, sem, d, cap in runs:
+    print("\ninduction curves:")
+    for level, sem, d, cap, method in runs:
         c, dt, _ = search(
-            pair, task, level=level, method="attribution", semantics=sem, direction=d,
+            pair, task, level=level, method=method, semantics=sem, direction=d,
             target=args.target, max_size=cap,
         )  # fmt: skip
         pts = sorted(c.curve)
@@ -397,12 +401,16 @@ def bench_induction(args: argparse.Namespace) -> list[str]:
             pts = pts[::step] + ([pts[-1]] if pts[-1] not in pts[::step] else [])
         curve = ", ".join(f"{s}: {f:.2f}" for s, f in pts)
         head = (
-            f"- {level} {sem}, {d}{'' if cap is None else f', max_size {cap}'}: returned "
+            f"- {level} {sem} ({method}), {d}{'' if cap is None else f', max_size {cap}'}: returned "
             f"{len(c)}* members, f = {c.faithfulness:.3f}{'' if c.reached else ' (NOT reached)'}, "
             f"{dt:.1f} s, {c.provenance['n_exact']} exact"
         )
         if level == "node":
             head += f" {{{', '.join(c.names)}}}"
+        else:
+            k_comp = [str(e) for e in c.edges if str(e).startswith("L0H3 -> L1") and e.input == "k"]
+            head += f"; K-composition edges: {', '.join(k_comp) or 'none'}"
+            head += "; with unembed" if "unembed" in c.names else ""
         print(head + "\n    " + curve)
         out.append(head)
         out.append(f"  - curve: {curve}")
@@ -425,6 +433,11 @@ def main() -> None:
     ap.add_argument("--edge-methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument("--edge-max-size", type=int, default=24, help="edge greedy's max_size")
     ap.add_argument("--induction-edge-max", type=int, default=None)
+    ap.add_argument(
+        "--induction-graft-i2r",
+        action="store_true",
+        help="also the edge graft intervened->reference search on the induction pair (minutes)",
+    )
     ap.add_argument("--four-layer-components", nargs="+", default=["L1H3", "L3H5"])
     ap.add_argument("--four-layer-scale", type=float, default=1.0)
     ap.add_argument("--four-layer-batch", type=int, default=16)
