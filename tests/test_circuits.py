@@ -195,10 +195,11 @@ def test_induction_graft_reference_to_intervened_needs_l0h3_k_composition(induct
 
 
 def test_induction_graft_intervened_to_reference_needs_the_k_composition_edges(induction):
-    """Edge-level graft, intervened->reference: the search itself costs minutes here (a 36-member
-    circuit with ``L0H3 -> L1H1/2/3.k`` and ``unembed``, faithfulness 0.90; README), so this checks
-    its claim on the full graph: every edge + ``unembed`` grafted reaches the target, and the same
-    graph without the ``L0H3 -> L1Hx.k`` edges loses most of the shift."""
+    """Edge-level graft, intervened->reference: the search itself costs minutes here (39 members
+    with all four ``L0H3 -> L1Hx.k`` and ``unembed``, faithfulness 0.90 on the whole task:
+    ``benchmarks/bench_circuits.py --induction-graft-i2r``), so this checks its claim on the full
+    graph: every edge + ``unembed`` grafted reaches the target, and the same graph without the
+    ``L0H3 -> L1Hx.k`` edges loses most of the shift."""
     task = induction.task
     sub = md.Task(task.prompts[:8], metric="loss", loss_mask=task.loss_mask[:8], name="sub")
     pair = induction.pair
