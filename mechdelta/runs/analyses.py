@@ -67,33 +67,26 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "attribute_edges": ("direction", "method", "steps", "batch_budget"),
     "circuit": ("level", "method", "direction", "semantics", "target", "max_size", "batch_budget"),
-    "series": (
-        "analysis",
-        "compare",
-        "threshold",
-        "component",
-        "direction",
-        "per_position",
-        "layers",
-        "heads",
-        "positions",
-        "neurons",
-        "method",
-        "steps",
-        "graddrop",
-        "level",
-        "semantics",
-        "target",
-        "max_size",
-        "batch_budget",
-    ),
-    "explain": (
-        *("budget", "alpha", "min_effect", "steering_alphas", "circuit", "pdf", "intervention"),
-        "batch_budget",
-    ),
 }
 #: What a series analysis runs on each pair (its kind's keys apply, but ``verify``).
 SERIES_ANALYSES = ("sweep", "attribute", "circuit")
+# A series takes its own keys and those of the kinds it runs (but ``verify``), batch_budget last.
+KIND_KEYS["series"] = (
+    "analysis",
+    "compare",
+    "threshold",
+    *dict.fromkeys(
+        k
+        for kind in SERIES_ANALYSES
+        for k in KIND_KEYS[kind]
+        if k not in ("verify", "batch_budget")
+    ),
+    "batch_budget",
+)
+KIND_KEYS["explain"] = (
+    *("budget", "alpha", "min_effect", "steering_alphas", "circuit", "pdf", "intervention"),
+    "batch_budget",
+)
 #: ``compare`` -> the id's suffix (the pairs: each checkpoint against the reference, or against
 #: the one before it).
 SERIES_COMPARE = {"reference": "ref", "consecutive": "cons"}
