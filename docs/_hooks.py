@@ -63,6 +63,12 @@ PAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "`mechdelta.runs` and `mechdelta.report`: experiment files, run directories, reports.",
         ("runs", "report"),
     ),
+    "scale": (
+        "Scaling out",
+        "`mechdelta.scale`: where patched passes run (in-process, resumable shards, a Ray "
+        "cluster).",
+        ("scale",),
+    ),
     "zoo": (
         "Zoo and plotting",
         "`mechdelta.zoo` (the offline model zoo) and `mechdelta.plotting` (figure functions).",

@@ -84,6 +84,8 @@ from mechdelta.representations import RepresentationDiff, compare_representation
 from mechdelta.runs.experiment import Experiment
 from mechdelta.runs.run import RunResult, regenerate_figures, run_experiment
 from mechdelta.runs.rundir import StoredRun
+from mechdelta.scale.executor import Executor, LocalExecutor
+from mechdelta.scale.ray import RayExecutor
 from mechdelta.stats.bootstrap import Bootstrap
 from mechdelta.stats.claims import Claim, Claims, claims
 from mechdelta.stats.reliability import Reliability, reliability, split_half
@@ -122,6 +124,7 @@ __all__ = [
     "Edge",
     "EdgeAttribution",
     "EdgeScore",
+    "Executor",
     "Experiment",
     "Explanation",
     "ExportError",
@@ -132,6 +135,7 @@ __all__ = [
     "InSampleSteeringWarning",
     "IncompatibleModelsError",
     "Intervention",
+    "LocalExecutor",
     "MechDeltaError",
     "Method",
     "Metric",
@@ -150,6 +154,7 @@ __all__ = [
     "PreparedTask",
     "Processing",
     "ProcessingMismatchError",
+    "RayExecutor",
     "Reliability",
     "RepresentationDiff",
     "ResultFormatError",

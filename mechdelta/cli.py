@@ -141,8 +141,50 @@ def run(
             "--overwrite", help="Delete the run directory's results and start the run over."
         ),
     ] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            metavar="KIND",
+            help="Where the patched forwards run: local (this process) or ray (a Ray cluster); "
+            "overrides the experiment's [executor] kind.",
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            metavar="ADDRESS",
+            help="Ray cluster to join: auto, or ray://HOST:10001 (default: a local cluster).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            min=1,
+            help="Ray workers, each loading the pair once.",
+            show_default=False,
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-worker",
+            metavar="G",
+            min=0.0,
+            help="GPUs per Ray worker.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment into a run directory (re-run the same command to resume it).
+
+    Finished shards are kept in RUN_DIR/shards (the experiment's [executor] shards = true, the
+    default): a re-run, with any --executor, skips them and gives the same results.
 
     The directory is locked while the run writes it: a second run, `figures` or `report` on it
     exits 1 naming the process that holds it.
@@ -151,16 +193,35 @@ def run(
     from mechdelta.runs.experiment import Experiment
     from mechdelta.runs.run import run_experiment
 
-    with _errors("Re-run the same command to resume: complete analyses are kept."):
+    scale: list[str] = []  # the executor flags, repeated in the resume hint
+    for flag, value in (
+        ("--executor", executor),
+        ("--address", address),
+        ("--workers", workers),
+        ("--gpus-per-worker", gpus_per_worker),
+    ):
+        scale += [] if value is None else [flag, str(value)]
+    with _errors():
         exp = Experiment.load(experiment)
-        out_dir = out if out is not None else Path("runs") / exp.name
-        flags = [f for f, on in (("--repair", repair), ("--overwrite", overwrite)) if on]
-        command = "mechdelta run " + _quote(experiment, "--out", out_dir, *flags)
-        with run_lock(out_dir, command, create=True):  # held until the summary is read back
-            result = run_experiment(
-                experiment, out_dir, quiet=quiet, overwrite=overwrite, repair=repair
-            )
-            lines = _summarise(out_dir, min(5, exp.output.top_k))
+        spec = exp.executor.override(
+            executor, address=address, num_workers=workers, gpus_per_worker=gpus_per_worker
+        )
+    out_dir = out if out is not None else Path("runs") / exp.name
+    resume = "mechdelta run " + _quote(experiment, "--out", out_dir, *scale)
+    flags = [f for f, on in (("--repair", repair), ("--overwrite", overwrite)) if on]
+    command = "mechdelta run " + _quote(experiment, "--out", out_dir, *flags, *scale)
+    hint = f"Re-run the same command to resume (complete analyses and shards are kept): {resume}"
+    # the lock is held until the summary is read back
+    with _errors(hint), run_lock(out_dir, command, create=True):
+        result = run_experiment(
+            experiment,
+            out_dir,
+            quiet=quiet,
+            overwrite=overwrite,
+            repair=repair,
+            executor=spec,
+        )
+        lines = _summarise(out_dir, min(5, exp.output.top_k))
     typer.echo("\n".join(lines))
     typer.echo(f"\nRun directory: {os.fspath(out_dir)} ({result.counts()})")
     typer.echo(f"Next: mechdelta report {_quote(out_dir)}")

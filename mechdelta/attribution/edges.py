@@ -75,6 +75,9 @@ def attribute_edges(
         batch_budget: prompts per gradient pass (default: the patching engine's default).
         n_boot, alpha, seed: the bootstrap of the shift's interval.
     """
+    from mechdelta.scale._devices import require_one_device
+
+    require_one_device(pair, "attribute_edges")
     m = str(method).strip().lower()
     if m not in METHODS:
         raise ConfigError(

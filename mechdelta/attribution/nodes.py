@@ -47,13 +47,15 @@ from mechdelta.patching._hooks import at_rows
 from mechdelta.patching.results import BothDirections
 from mechdelta.patching.shift import engine_shift
 from mechdelta.patching.sweep import axis_tokens, engine_grid
+from mechdelta.scale._memory import BatchBudget
+from mechdelta.scale.executor import Executor
 from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
     from mechdelta.core.pair import ModelPair
     from mechdelta.core.task import Task
 
-__all__ = ["Method", "attribute"]
+__all__ = ["Method", "attribute", "estimate_rows"]
 
 
 class Method(StrEnum):
@@ -89,13 +91,14 @@ def attribute(
     positions: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
     steps: int = 16,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     verify: int | None = None,
     graddrop: bool = False,
     progress: bool | None = None,
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    executor: Executor | str | None = None,
 ) -> AttributionResult | BothDirections[AttributionResult]:
     """Estimate, for every site of a sweep grid, the metric of the target with the source's
     activation spliced in there, from clean runs and gradient passes (see the module docstring).
@@ -107,19 +110,26 @@ def attribute(
     ``"atp*"``) also computes AtP*'s GradDrop magnitude per site (:attr:`AttributionResult.graddrop`;
     ``n_layers`` more passes), which :meth:`~AttributionResult.verify` then ranks by.
     ``progress`` as in :func:`~mechdelta.sweep` (IG and GradDrop passes, verification).
+    ``executor`` as in :func:`~mechdelta.sweep`: the gradient passes' prompt chunks (and the
+    verification's exact patches) run there, with the same numbers as in this process.
 
     Cost, whatever the number of sites: both models' clean runs plus one forward and backward
     pass of the target per prompt chunk (``"atp"``); ``"atp*"`` adds nothing for models whose
     attention scores can be computed from cached queries and keys, else two forwards;
     ``"ig"`` takes ``steps`` forward+backward passes per layer of the grid.
     """
+    from mechdelta.scale._devices import require_one_device
+
+    require_one_device(pair, "attribute")
     m = Method.coerce(method)
     if graddrop and m is not Method.ATP_STAR:
         raise ConfigError(f"graddrop=True belongs to method='atp*', not {m.value!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive int (IG points per layer), not {steps!r}")
     d = Direction.coerce(direction)
-    engine = PatchEngine(pair, task, batch_budget=batch_budget, progress=progress)
+    engine = PatchEngine(
+        pair, task, batch_budget=batch_budget, progress=progress, executor=executor
+    )
     prepared = engine.prepared
     comp, dims, coords, sites = engine_grid(
         engine,
@@ -188,32 +198,71 @@ def _estimate(
     drop: int | None = None,
 ) -> Float[Tensor, "site batch"]:
     """Estimated change of the target's metric per site and prompt; with ``drop=l`` the gradient
-    does not flow back through layer l's attention and MLP outputs (GradDrop)."""
-    src = engine.states[direction.source]
-    tgt = engine.states[direction.target]
+    does not flow back through layer l's attention and MLP outputs (GradDrop). One gradient
+    pass (IG: ``steps`` per layer) per prompt chunk; the chunks run on the engine's executor."""
     batch = engine.prepared.batch_size
     chunk = min(batch, engine.budget)
+    chunks = [slice(b0, min(b0 + chunk, batch)) for b0 in range(0, batch, chunk)]
+    out = torch.zeros(len(sites), batch, dtype=torch.float64)
+    if engine.executor is None:
+        for rows in chunks:
+            out[:, rows] = estimate_rows(engine, direction, comp, sites, method, steps, rows, drop)
+        return out
+    from mechdelta.attribution._work import AttributionWork
+    from mechdelta.patching._work import pair_identity, plan
+
+    shards = plan([(rows, ()) for rows in chunks])
+    work = AttributionWork(
+        task=engine.prepared.task,
+        direction=direction,
+        component=comp,
+        sites=tuple(sites),
+        method=method.value,
+        steps=steps,
+        drop=drop,
+        jobs=tuple(shards),
+        budget=engine.budget,
+        pair_hashes=pair_identity(engine.pair),
+        task_hash=engine.prepared.prompt_hash(),
+        desc=f"{method.value} {comp.value} {direction.value}",
+    )
+    values = engine.executor.map(work, engine.pair, local_state=engine, progress=engine.progress)
+    for shard, v in zip(shards, values, strict=True):
+        out[:, shard.row_slice] = v.double()
+    return out
+
+
+def estimate_rows(
+    engine: PatchEngine,
+    direction: Direction,
+    comp: Component,
+    sites: Sequence[Site],
+    method: Method,
+    steps: int,
+    rows: slice,
+    drop: int | None = None,
+) -> Float[Tensor, "site chunk"]:
+    """:func:`_estimate` for the prompts ``rows``: one gradient pass of the target (IG:
+    ``steps`` per layer), float64 on the CPU."""
+    src = engine.states[direction.source]
+    tgt = engine.states[direction.target]
     layers = sorted({s.layer for s in sites})
     edits = {} if drop is None else _stop_gradient(engine, drop)
-    out = torch.zeros(len(sites), batch, dtype=torch.float64)
-    for b0 in range(0, batch, chunk):
-        rows = slice(b0, min(b0 + chunk, batch))
-        # per layer: contributions by position [b, pos, ...] and for all-position sites [b, ...]
-        per_layer: dict[int, tuple[Tensor, Tensor]] = {}
-        if method is Method.IG:
-            desc = f"ig {comp.value} {direction.value}"
-            for layer in progress_bar(
-                layers, total=len(layers), desc=desc, enabled=engine.progress
-            ):
-                got = _contributions(engine, src, tgt, comp, [layer], rows, steps)
-                per_layer[layer] = got[layer]
-        elif method is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K):
-            per_layer = qk_fix(engine, src, tgt, comp, layers, rows, edits)
-        else:
-            per_layer = _contributions(engine, src, tgt, comp, layers, rows, None, edits)
-        for i, site in enumerate(sites):
-            by_pos, every = per_layer[site.layer]
-            out[i, rows] = _site_value(engine, site, rows, by_pos, every).double().cpu()
+    out = torch.zeros(len(sites), rows.stop - rows.start, dtype=torch.float64)
+    # per layer: contributions by position [b, pos, ...] and for all-position sites [b, ...]
+    per_layer: dict[int, tuple[Tensor, Tensor]] = {}
+    if method is Method.IG:
+        desc = f"ig {comp.value} {direction.value}"
+        for layer in progress_bar(layers, total=len(layers), desc=desc, enabled=engine.progress):
+            got = _contributions(engine, src, tgt, comp, [layer], rows, steps)
+            per_layer[layer] = got[layer]
+    elif method is Method.ATP_STAR and comp in (Component.HEAD_Q, Component.HEAD_K):
+        per_layer = qk_fix(engine, src, tgt, comp, layers, rows, edits)
+    else:
+        per_layer = _contributions(engine, src, tgt, comp, layers, rows, None, edits)
+    for i, site in enumerate(sites):
+        by_pos, every = per_layer[site.layer]
+        out[i] = _site_value(engine, site, rows, by_pos, every).double().cpu()
     return out
 
 

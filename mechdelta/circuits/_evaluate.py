@@ -31,6 +31,7 @@ from mechdelta.core.sites import Component, Site
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import fraction_explained
 from mechdelta.patching.shift import ShiftResult, engine_shift
+from mechdelta.scale._memory import BatchBudget
 from mechdelta.stats.bootstrap import Bootstrap
 
 Member = Node | Edge
@@ -66,13 +67,16 @@ class Evaluator:
         level: str,
         semantics: str,
         direction: Direction,
-        batch_budget: int | None,
+        batch_budget: BatchBudget,
         progress: bool | None,
+        executor: Any = None,
     ) -> None:
         self.pair, self.task = pair, task
         self.level, self.semantics, self.direction = level, semantics, direction
         self.graph = Graph.from_model(pair)
-        self.engine = PatchEngine(pair, task, batch_budget=batch_budget, progress=progress)
+        self.engine = PatchEngine(
+            pair, task, batch_budget=batch_budget, progress=progress, executor=executor
+        )
         self.shift: ShiftResult = engine_shift(self.engine, Bootstrap())
         self.n_exact = 0  # circuits actually run (each distinct circuit once)
         self.seconds = 0.0
@@ -82,7 +86,7 @@ class Evaluator:
         if level == "edge":
             from mechdelta.patching.edges import EdgePatcher
 
-            self._patcher = EdgePatcher(pair, task, engine=self.engine)
+            self._patcher = EdgePatcher(pair, task, engine=self.engine, executor=executor)
             edges: list[Member] = list(self.graph.edges)
             if semantics == "graft":
                 edges.append(Node("logits"))  # unembed: the final norm + unembedding

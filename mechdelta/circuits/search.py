@@ -81,6 +81,8 @@ from mechdelta.circuits.circuit import Circuit, CircuitNotFaithfulWarning
 from mechdelta.core.directions import Direction
 from mechdelta.core.graph import Edge, Node
 from mechdelta.errors import ConfigError
+from mechdelta.scale._memory import BatchBudget
+from mechdelta.scale.executor import Executor
 
 __all__ = ["LEVELS", "METHODS", "SEMANTICS", "search_circuit"]
 
@@ -132,8 +134,9 @@ def search_circuit(
     semantics: str = "graft",
     target: float = 0.9,
     max_size: int | None = None,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     progress: bool | None = None,
+    executor: Executor | str | None = None,
 ) -> Circuit:
     """Find a minimal circuit carrying ``target`` of the shift (see the module docstring).
 
@@ -153,12 +156,18 @@ def search_circuit(
         max_size: the largest circuit greedy / attribution grow (acdc: a result larger than
             this is not reached).
         batch_budget: rows per forward; progress: progress bars of the hybrid runs.
+        executor: where the exact hybrid runs go (``"local"``, a
+            :class:`~mechdelta.LocalExecutor` with a ``shard_dir``, a
+            :class:`~mechdelta.RayExecutor`; see :func:`~mechdelta.sweep`): each batch of
+            candidate circuits a step evaluates is sharded by prompt chunk x stacked circuits;
+            the search takes the same steps and finds the same circuit. The ranking's gradient
+            passes run in this process.
     """
     lv, m, s, d, tgt = _check(level, method, semantics, direction, target, max_size)
     t_start = time.perf_counter()
     ev = Evaluator(
         pair, task, level=lv, semantics=s, direction=d, batch_budget=batch_budget,
-        progress=progress,
+        progress=progress, executor=executor,
     )  # fmt: skip
     search = _Search(ev, tgt, max_size)
     timings: dict[str, float] = {}

@@ -1,7 +1,8 @@
 """The compatibility contract between a reference and an intervened model.
 
 Checked before any patching: same tokenizer vocabulary, same architecture fields, same hook names
-and activation shapes, same weight processing, same dtype and device. Each violation raises its own
+and activation shapes, same weight processing, same dtype, and one device (unless the pair is
+split over two devices on purpose: ``split_devices=True``). Each violation raises its own
 typed error naming both values and how to fix it. Tokenizers that differ are diagnosed
 (:mod:`mechdelta.core._tokenizers`); a pair whose vocabularies differ only by appended tokens can
 opt in to the shared vocabulary (``vocab="shared"``: :func:`apply_shared_vocabulary`, then
@@ -116,7 +117,12 @@ def first_param(model: Any) -> torch.Tensor:
 
 
 def check_compatible(
-    reference: Any, intervened: Any, *, check_activations: bool = True, vocab: str = "exact"
+    reference: Any,
+    intervened: Any,
+    *,
+    check_activations: bool = True,
+    vocab: str = "exact",
+    split_devices: bool = False,
 ) -> None:
     """Raise a specific IncompatibleModelsError subclass on the first violation found.
 
@@ -124,6 +130,8 @@ def check_compatible(
     difference, and the tokenizer diagnosis says more). ``vocab="exact"`` requires identical
     tokenizers; ``vocab="shared"`` also accepts tokenizers that differ only by appended tokens,
     once :func:`apply_shared_vocabulary` has cut both models to the shared ids.
+    ``split_devices=True`` accepts the two models on different devices (a deliberate two-device
+    pair); otherwise they must share one.
     """
     check_tokenizers(reference.tokenizer, intervened.tokenizer, vocab=vocab)
     for name in ARCH_FIELDS:
@@ -145,10 +153,12 @@ def check_compatible(
             f"dtypes differ: reference={p_r.dtype}, intervened={p_i.dtype}. "
             "Load both with the same dtype= (or call .to(dtype) on one of them)."
         )
-    if p_r.device != p_i.device:
+    if p_r.device != p_i.device and not split_devices:
         raise DeviceMismatchError(
             f"devices differ: reference on {p_r.device}, intervened on {p_i.device}. "
-            "Load both with the same device= (or move one with .to(device))."
+            "Load both with the same device= (or move one with .to(device)); for a pair split "
+            "over two devices on purpose use ModelPair.load(..., device=(reference's, "
+            "intervened's)) or ModelPair(..., split_devices=True)."
         )
     hr, hi = set(reference.hook_dict), set(intervened.hook_dict)
     if hr != hi:
@@ -159,14 +169,14 @@ def check_compatible(
             "Both models must be built by the same TransformerLens adapter."
         )
     if check_activations:
-        _check_activation_shapes(reference, intervened, p_r.device)
+        _check_activation_shapes(reference, intervened)
 
 
 @torch.no_grad()
-def _check_activation_shapes(reference: Any, intervened: Any, device: torch.device) -> None:
-    probe = torch.zeros((1, 2), dtype=torch.long, device=device)
-    _, cache_r = reference.run_with_cache(probe)
-    _, cache_i = intervened.run_with_cache(probe)
+def _check_activation_shapes(reference: Any, intervened: Any) -> None:
+    # each model's probe on its own device (the two differ in a two-device pair)
+    _, cache_r = reference.run_with_cache(_probe_tokens(reference))
+    _, cache_i = intervened.run_with_cache(_probe_tokens(intervened))
     keys_r, keys_i = set(cache_r.keys()), set(cache_i.keys())
     if keys_r != keys_i:
         raise HookMismatchError(
@@ -179,3 +189,7 @@ def _check_activation_shapes(reference: Any, intervened: Any, device: torch.devi
             raise HookMismatchError(
                 f"activation shape at {key!r} differs: reference {sr}, intervened {si}"
             )
+
+
+def _probe_tokens(model: Any) -> torch.Tensor:
+    return torch.zeros((1, 2), dtype=torch.long, device=first_param(model).device)

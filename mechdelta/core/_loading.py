@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -105,9 +105,49 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_devices(
+    device: str | torch.device | Sequence[str | torch.device] | None,
+) -> tuple[torch.device, torch.device]:
+    """``(reference's device, intervened's device)`` from a ``device=`` argument.
+
+    One device (anything :func:`resolve_device` takes) holds both models; a tuple or list of two
+    puts the reference on the first and the intervened model on the second (e.g.
+    ``("cuda:0", "cuda:1")`` for a pair too large for one GPU). Each is validated like a single
+    device; any other length raises :class:`~mechdelta.errors.DeviceError`.
+    """
+    if isinstance(device, str | torch.device) or device is None:
+        dev = resolve_device(device)
+        return dev, dev
+    if not isinstance(device, tuple | list):
+        raise DeviceError(
+            f"device must be a string such as 'cpu' or 'cuda:0', a torch.device, or two of "
+            f"them (reference's, intervened's), got {type(device).__name__} {device!r}; "
+            f"{_DEVICE_HELP}"
+        )
+    if len(device) != 2:
+        raise DeviceError(
+            f"device={tuple(device)!r} holds {len(device)} devices; a pair takes one device for "
+            "both models or two, (reference's, intervened's), e.g. ('cuda:0', 'cuda:1')"
+        )
+    out = []
+    for which, (i, item) in zip(("reference", "intervened"), enumerate(device), strict=True):
+        if isinstance(item, tuple | list):
+            raise DeviceError(f"device[{i}] (the {which} model's) must be one device, got {item!r}")
+        try:
+            out.append(resolve_device(item))
+        except DeviceError as exc:
+            raise DeviceError(f"device[{i}] (the {which} model's device): {exc}") from exc
+    return out[0], out[1]
+
+
 def _parse_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
+    if isinstance(device, tuple | list):
+        raise DeviceError(
+            f"device={tuple(device)!r}: two devices, (reference's, intervened's), are accepted by "
+            "ModelPair.load only; here give one device for both models"
+        )
     if not isinstance(device, str):
         raise DeviceError(
             f"device must be a string such as 'cpu' or 'cuda:0' (or a torch.device), got "
@@ -191,6 +231,7 @@ def out_of_memory_as_error(what: str, device: torch.device, dtype: torch.dtype) 
                 "free GPU memory other models of this process hold (del them, then "
                 "torch.cuda.empty_cache())"
             )
+            fixes.append("split the pair over two GPUs (device=('cuda:0', 'cuda:1'))")
         raise DeviceOutOfMemoryError(
             f"out of memory loading {what} onto {device} in {dtype} ({detail}); a pair holds both "
             f"models at once. Fix: {'; or '.join(fixes)}"

@@ -7,9 +7,11 @@ and refuses identical weights, since there is then no shift to explain.
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ from mechdelta.core._loading import (
     load_bridge,
     load_tokenizer,
     resolve_device,
+    resolve_devices,
     resolve_dtype,
     resolve_source,
 )
@@ -65,6 +68,12 @@ class ModelPair:
             vocabulary; logit differences are unchanged), and a task using an appended token is
             a :class:`~mechdelta.errors.TaskError`. Any other tokenizer difference raises an
             explained :class:`~mechdelta.errors.TokenizerMismatchError`.
+        split_devices: accept the two models on different devices (a pair too large for one:
+            the reference on one GPU, the intervened model on another; what
+            ``ModelPair.load(..., device=("cuda:0", "cuda:1"))`` builds). ``sweep`` and ``patch``
+            move what they splice between the devices; :attr:`device` is then the reference's,
+            :attr:`devices` names both. Without it the models must share one device
+            (:class:`~mechdelta.errors.DeviceMismatchError`).
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class ModelPair:
         names: tuple[str, str] = ("reference", "intervened"),
         check_activations: bool = True,
         vocab: str = "exact",
+        split_devices: bool = False,
     ) -> None:
         if vocab not in VOCAB_MODES:
             raise ConfigError(f"vocab must be one of {', '.join(VOCAB_MODES)}, got {vocab!r}")
@@ -85,10 +95,20 @@ class ModelPair:
             intervened.tokenizer
         ):
             self.vocabulary = apply_shared_vocabulary(reference, intervened)
-        check_compatible(reference, intervened, check_activations=check_activations, vocab=vocab)
+        check_compatible(
+            reference,
+            intervened,
+            check_activations=check_activations,
+            vocab=vocab,
+            split_devices=split_devices,
+        )
         self.reference = reference.eval()
         self.intervened = intervened.eval()
         self.names = (str(names[0]), str(names[1]))
+        #: how to load this pair again in another process (a picklable zero-argument callable,
+        #: set by :meth:`load` and :func:`mechdelta.zoo.load`): what a
+        #: :class:`~mechdelta.RayExecutor`'s actors call; None: the pair's weights travel instead.
+        self.recipe: Callable[[], Any] | None = None
         #: the PEFT adapter merged into the intervened model (set by :meth:`from_adapter`).
         self.adapter: AdapterInfo | None = None
         if self.reference_hash == self.intervened_hash:
@@ -112,7 +132,7 @@ class ModelPair:
         *,
         reference_revision: str | None = None,
         intervened_revision: str | None = None,
-        device: str | torch.device | None = None,
+        device: str | torch.device | Sequence[str | torch.device] | None = None,
         dtype: torch.dtype | str | None = None,
         processing: Processing | str = "raw",
         tokenizer: Any = None,
@@ -138,8 +158,22 @@ class ModelPair:
         the commits they resolve to (unless ``allow_identical``).
 
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``None``/``"auto"`` (the
-        first GPU when one is visible, else the CPU); a device that cannot work raises
-        :class:`~mechdelta.errors.DeviceError` before anything is loaded.
+        first GPU when one is visible, else the CPU); or two devices, ``(reference's,
+        intervened's)``, e.g. ``("cuda:0", "cuda:1")`` for a pair too large for one GPU (each
+        model on its own; ``sweep`` and ``patch`` support such a pair, ``pair.device`` is the
+        reference's and ``pair.devices`` names both). A device that cannot work, or a tuple that
+        is not two devices, raises :class:`~mechdelta.errors.DeviceError` before anything is
+        loaded.
+        ``dtype``: ``"float32"`` (default), ``"bfloat16"``/``"float16"`` (half the memory) or
+        ``"float64"``. Numerical caveat of half precision: bfloat16 keeps 8 significant bits
+        (relative rounding 2^-8 ~ 0.4% per operation, float16 2^-11), so activations, logits and
+        the metric carry errors of that order against float32, and a score (a fraction of the
+        shift) moves by about that rounding divided by the shift: large effects rank as in
+        float32, small ones and near-ties can reorder, and a shift within ten rounding scales
+        of the logits raises :class:`~mechdelta.patching.shift.PrecisionWarning`. Measured on the
+        zoo pairs ``planted`` and ``induction`` (CPU): a bfloat16 head_out sweep ranks the heads
+        as float32 does (Spearman 1.0, same top heads), its scores within 5e-4 of float32's (see
+        ``tests/test_precision.py``). Confirm small effects in float32.
         ``processing="raw"`` keeps HF weights (logits match HF); ``"compat"`` applies
         TransformerLens's HookedTransformer-style processing to both models.
         ``trust_remote_code``: passed to ``from_pretrained`` (for architectures with custom code).
@@ -149,7 +183,7 @@ class ModelPair:
         """
         proc = Processing.coerce(processing)
         dt = resolve_dtype(dtype)
-        dev = resolve_device(device)
+        devs = resolve_devices(device)
         revs = (check_revision(reference_revision), check_revision(intervened_revision))
         sources = (reference, intervened)
         for source, rev in zip(sources, revs, strict=True):  # both checked before either load
@@ -164,15 +198,37 @@ class ModelPair:
                 revision=rev,
                 trust_remote_code=trust_remote_code,
             )
-            for source, rev in zip(sources, revs, strict=True)
+            for source, rev, dev in zip(sources, revs, devs, strict=True)
         )
         names = (label(os.fspath(reference), revs[0]), label(os.fspath(intervened), revs[1]))
         try:
-            return cls(ref, itv, allow_identical=allow_identical, names=names, vocab=vocab)
+            pair = cls(
+                ref,
+                itv,
+                allow_identical=allow_identical,
+                names=names,
+                vocab=vocab,
+                split_devices=devs[0] != devs[1],
+            )
         except IdenticalModelsError as exc:
             if revs == (None, None):
                 raise
             raise IdenticalModelsError(_same_revisions(sources, revs, exc)) from exc
+        pair.recipe = functools.partial(
+            ModelPair.load,
+            reference,
+            intervened,
+            reference_revision=reference_revision,
+            intervened_revision=intervened_revision,
+            device="cpu",  # a worker moves the pair to its own device
+            dtype=dt,
+            processing=proc,
+            tokenizer=tokenizer,
+            allow_identical=allow_identical,
+            trust_remote_code=trust_remote_code,
+            vocab=vocab,
+        )
+        return pair
 
     @classmethod
     def from_hf(
@@ -324,7 +380,15 @@ class ModelPair:
 
     @property
     def device(self) -> torch.device:
+        """The reference model's device: where engines keep prompts, metric inputs and logits.
+        Both models' device unless the pair is split over two (see :attr:`devices`)."""
         return next(iter(self.reference.parameters())).device
+
+    @property
+    def devices(self) -> tuple[torch.device, torch.device]:
+        """``(reference's device, intervened's device)``; the two differ only in a pair split
+        over two devices (``ModelPair.load(..., device=("cuda:0", "cuda:1"))``)."""
+        return self.device, next(iter(self.intervened.parameters())).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -377,6 +441,9 @@ class ModelPair:
             "processing": self.processing.value,
             "dtype": str(self.dtype),
         }
+        ref_dev, itv_dev = self.devices
+        if ref_dev != itv_dev:  # recorded only for a two-device pair (results do not depend on it)
+            out["devices"] = [str(ref_dev), str(itv_dev)]
         if self.adapter is not None:
             out["adapter"] = self.adapter.as_dict()
         if self.vocabulary is not None:
@@ -401,9 +468,15 @@ class ModelPair:
                 f"{mlp}, vocab {c.d_vocab}, n_ctx {s.n_ctx}",
             ),
             ("processing", self.processing.value),
-            ("dtype / device", f"{self.dtype} / {self.device}"),
+            ("dtype / device", f"{self.dtype} / {self._device_text()}"),
             ("tokenizer", self.tokenizer_hash),
         ]
+
+    def _device_text(self) -> str:
+        ref_dev, itv_dev = self.devices
+        if ref_dev == itv_dev:
+            return str(ref_dev)
+        return f"reference on {ref_dev}, intervened on {itv_dev}"
 
     def summary(self, top: int = 5) -> str:
         """A plain-text summary: the two models, the architecture, the largest weight changes."""

@@ -48,6 +48,8 @@ from mechdelta.core.directions import Direction
 from mechdelta.errors import ConfigError
 from mechdelta.explain.explanation import Explanation
 from mechdelta.explain.intervention import Intervention
+from mechdelta.scale._memory import BatchBudget
+from mechdelta.scale.executor import Executor, coerce_executor
 
 __all__ = ["explain"]
 
@@ -82,8 +84,9 @@ def explain(
     circuit: bool | str = "auto",
     pdf: bool = True,
     overwrite: bool = False,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     progress: bool | None = None,
+    executor: Executor | str | None = None,
 ) -> Explanation:
     """Explain the pair's behavioural shift on ``task`` (the stages: module docstring).
 
@@ -106,6 +109,9 @@ def explain(
             with a note in the report when none is found).
         overwrite: replace an ``out`` directory written for another pair, task or parameters.
         batch_budget, progress: passed to the patching engine.
+        executor: where the exact sweeps, the attribution's passes and verification, and the
+            circuit search's hybrid runs go (see :func:`~mechdelta.sweep`); the numbers are the
+            same as in this process.
     """
     b = _check_budget(budget)
     declared = Intervention.coerce(intervention)
@@ -125,12 +131,13 @@ def explain(
         "circuit": circuit,
     }
     root = None if out is None else Path(out)
+    engine_kw = {"batch_budget": batch_budget, "executor": coerce_executor(executor)}
     if root is None:
-        return _run(pair, task, None, params, declared, b, batch_budget, progress, overwrite)
+        return _run(pair, task, None, params, declared, b, engine_kw, progress, overwrite)
     from mechdelta.runs._lock import run_lock
 
     with run_lock(root, f"explain --out {os.fspath(root)}", create=True):
-        result = _run(pair, task, root, params, declared, b, batch_budget, progress, overwrite)
+        result = _run(pair, task, root, params, declared, b, engine_kw, progress, overwrite)
         from mechdelta.explain.audit import write_audit_report
 
         reports = write_audit_report(result, root, pdf=pdf)
@@ -144,7 +151,7 @@ def _run(
     params: dict[str, Any],
     declared: Intervention,
     budget: str | int,
-    batch_budget: int | None,
+    engine_kw: dict[str, Any],
     progress: bool | None,
     overwrite: bool,
 ) -> Explanation:
@@ -193,7 +200,7 @@ def _run(
         patching[comp] = timed(
             f"patching_{comp}",
             lambda comp=comp: _patch(
-                pair, task, comp, plan, n_boot, alpha, seed, batch_budget, progress
+                pair, task, comp, plan, n_boot, alpha, seed, engine_kw, progress
             ),
             _load_both,
         )
@@ -212,7 +219,7 @@ def _run(
         )
     circ = None
     if _wants_circuit(params["circuit"], pair):
-        circ = timed("circuit", lambda: _circuit(pair, task, batch_budget), _load_circuit)
+        circ = timed("circuit", lambda: _circuit(pair, task, engine_kw), _load_circuit)
     return Explanation(
         status="explained",
         weights=weights,
@@ -292,11 +299,11 @@ def _patch(
     n_boot: int,
     alpha: float,
     seed: int,
-    batch_budget: int | None,
+    engine_kw: dict[str, Any],
     progress: bool | None,
 ) -> Any:
     layers = plan["layers"] if len(plan["layers"]) < pair.shape.n_layers else None
-    kw: dict[str, Any] = {"layers": layers, "batch_budget": batch_budget}
+    kw: dict[str, Any] = {"layers": layers, **engine_kw}
     if plan["method"] == "exact":
         from mechdelta.patching.sweep import sweep
 
@@ -381,7 +388,7 @@ def _wants_circuit(setting: bool | str, pair: Any) -> bool:
     return shape.n_layers * (shape.n_heads + 1) + 2 <= _CIRCUIT_NODES
 
 
-def _circuit(pair: Any, task: Any, batch_budget: int | None) -> Any:
+def _circuit(pair: Any, task: Any, engine_kw: dict[str, Any]) -> Any:
     from mechdelta.circuits.circuit import CircuitNotFaithfulWarning
     from mechdelta.circuits.search import search_circuit
 
@@ -395,7 +402,7 @@ def _circuit(pair: Any, task: Any, batch_budget: int | None) -> Any:
             semantics="graft",
             direction=Direction.INTERVENED_TO_REFERENCE,
             target=0.9,
-            batch_budget=batch_budget,
+            **engine_kw,
             progress=False,
         )
 

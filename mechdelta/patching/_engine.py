@@ -24,9 +24,19 @@ from mechdelta.core.metrics import MetricInputs
 from mechdelta.core.progress import progress
 from mechdelta.core.sites import Component, ModelShape, Site, union
 from mechdelta.core.task import PreparedTask, Task
-from mechdelta.errors import ConfigError, PatchingError, SiteError
+from mechdelta.errors import PatchingError, SiteError
+from mechdelta.patching._checks import check_effective, output_projection
 from mechdelta.patching._hooks import AttnOutPlan, at_rows, attn_out_writer, capture, writer
 from mechdelta.patching._runner import CacheHooks, Hook, ModelRunner, prefix_cache
+from mechdelta.scale._devices import DeviceRunner, pair_devices
+from mechdelta.scale._memory import (
+    BatchBudget,
+    check_budget,
+    empty_peak,
+    measure_peak,
+    resolve_budget,
+)
+from mechdelta.scale.executor import coerce_executor
 
 __all__ = ["PatchEngine"]
 
@@ -40,7 +50,7 @@ class _ModelState:
     cache: dict[str, Tensor] = field(default_factory=dict)
     metric: Tensor | None = None  # [batch]
     logits: Tensor | None = None  # [batch, k, d_vocab] at the read positions
-    kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values per layer (HF models)
+    kv: list[tuple[Tensor, Tensor]] | None = None  # clean keys/values (HF or TL-native)
     probed: set[tuple[Component, int]] = field(
         default_factory=set
     )  # (kind, layer) seen to take edits
@@ -64,21 +74,25 @@ class PatchEngine:
         task: Task,
         *,
         sites: Iterable[Site] = (),
-        batch_budget: int | None = None,
+        batch_budget: BatchBudget = None,
         prefix_reuse: bool = True,
         skip_identical: bool = True,
         progress: bool | None = None,
+        executor: Any = None,
     ) -> None:
-        budget = DEFAULT_BATCH_BUDGET if batch_budget is None else batch_budget
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ConfigError(
-                f"batch_budget must be a positive int (rows per forward), not {budget}"
-            )
+        requested = DEFAULT_BATCH_BUDGET if batch_budget is None else batch_budget
+        check_budget(requested)  # before anything slow; "auto" is resolved once the task is
         self.pair = pair
         self.shape: ModelShape = pair.shape
-        self.budget = budget
         self.progress = progress
+        # Prompts, metric inputs and logits live on the home device (the reference's); each
+        # model's cached activations on its own (they differ for a two-device pair).
         self.device = pair.device
+        ref_dev, itv_dev = pair_devices(pair)
+        self.devices: dict[str, torch.device] = {"reference": ref_dev, "intervened": itv_dev}
+        #: devices the peak memory is measured on, and the largest peak so far (see provenance)
+        self.memory_devices: tuple[torch.device, ...] = (ref_dev, itv_dev)
+        self.peak_memory: dict[str, Any] = empty_peak(self.memory_devices)
         cfg = pair.cfg
         vocabulary = getattr(pair, "vocabulary", None)
         if vocabulary is not None:  # a shared-vocabulary pair: name any appended token used
@@ -86,23 +100,31 @@ class PatchEngine:
         self.prepared: PreparedTask = task.prepare(
             pair.tokenizer, n_ctx=int(cfg.n_ctx), d_vocab=int(cfg.d_vocab)
         )
+        self.budget = resolve_budget(requested, pair, self.prepared)
+        self.budget_auto = isinstance(requested, str)
         self.tokens = self.prepared.tokens.to(self.device)
         self.inputs: MetricInputs = self.prepared.inputs.to(self.device)
+        # DeviceRunner: tokens go to its model's device, logits come back to self.device (moves
+        # are no-ops on one device)
         self.states = {
-            "reference": _ModelState("reference", ModelRunner(pair.reference, prefix_reuse)),
-            "intervened": _ModelState("intervened", ModelRunner(pair.intervened, prefix_reuse)),
+            key: _ModelState(key, DeviceRunner(getattr(pair, key), prefix_reuse, home=self.device))
+            for key in ("reference", "intervened")
         }
         self._cached_names: set[str] = set()
         self._deltas: dict[tuple[str, Site], float] = {}
         self.skip_identical = skip_identical
         self.last_run_variants = 0
         self.prefix_reuse = prefix_reuse
+        #: where :meth:`run`'s stacked forwards run (None: this process, the plain loop; see
+        #: :mod:`mechdelta.scale.executor`).
+        self.executor = coerce_executor(executor)
         self._initial_sites = tuple(sites)
         if self._initial_sites:  # else the first metric_of / run does it, with its own sites
             self.clean_run(self._initial_sites)
 
     # --- clean runs ----------------------------------------------------------------------------
 
+    @measure_peak
     def clean_run(self, sites: Iterable[Site] = ()) -> None:
         """Run both models once, caching what the given sites read (again only if new names)."""
         names = {f"blocks.{layer}.hook_resid_pre" for layer in range(self.shape.n_layers)}
@@ -204,6 +226,8 @@ class PatchEngine:
             "task": self.prepared.info(),
             "engine": {
                 "batch_budget": self.budget,
+                "batch_budget_auto": self.budget_auto,
+                "peak_memory": dict(self.peak_memory),
                 "prefix_reuse": self.prefix_reuse,
                 "position_reuse": {
                     k: v.kv is not None for k, v in self.states.items() if v.kv_checked
@@ -222,6 +246,7 @@ class PatchEngine:
 
     # --- patched runs --------------------------------------------------------------------------
 
+    @measure_peak
     def run(
         self, direction: Direction, variants: Sequence[Sequence[Site]], desc: str = "patching"
     ) -> Float[Tensor, "variant batch"]:
@@ -252,6 +277,10 @@ class PatchEngine:
             for v0 in range(0, len(order), per_v)
         ]
         self.last_run_variants = len(order)
+        if self.executor is not None:
+            from mechdelta.patching._work import execute_sites
+
+            return execute_sites(self, direction, variants, jobs, out, desc)
         for rows, chunk in progress(jobs, total=len(jobs), desc=desc, enabled=self.progress):
             values = self._run_chunk(src, tgt, rows, [variants[i] for i in chunk])
             out[chunk, rows] = values.cpu()
@@ -271,7 +300,7 @@ class PatchEngine:
             self.clean_run([site])
         every = slice(0, self.prepared.batch_size)
         a = self.read(src, site, every)
-        b = self.read(tgt, site, every)
+        b = self.read(tgt, site, every).to(a.device)
         value = float((a.float() - b.float()).norm())
         self._deltas[key] = value
         self._deltas[(direction.target, site)] = value
@@ -353,6 +382,7 @@ class PatchEngine:
         and the order of the sites never matters.
         """
         n_b = rows.stop - rows.start
+        dev = self.devices[tgt.name]  # source values and indices move to the target's device
         writes: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
         head_out: dict[int, list[tuple[slice, Any, int, Tensor]]] = defaultdict(list)
         mid: dict[int, list[tuple[tuple[Any, ...], Tensor]]] = defaultdict(list)
@@ -363,17 +393,19 @@ class PatchEngine:
                     raise PatchingError("an all-position site cannot run with position reuse")
                 pos = self._pos(rows, site)
                 at = pos - p0 if isinstance(pos, int) else pos
+                if isinstance(at, Tensor):
+                    at = at.to(dev)
                 if site.kind is Component.HEAD_OUT:
                     assert site.head is not None
-                    c_src = self.read(src, site, rows)
+                    c_src = self.read(src, site, rows).to(dev)
                     head_out[site.layer].append((vrows, at, site.head, c_src))
                 elif site.kind is Component.RESID_MID:
                     self._check_resid_mid(tgt, site.layer)
                     mid[site.layer].append(
-                        (self._index(site, vrows, at), self.read(src, site, rows))
+                        (self._index(site, vrows, at), self.read(src, site, rows).to(dev))
                     )
                 else:
-                    value = self.read(src, site, rows)
+                    value = self.read(src, site, rows).to(dev)
                     writes[site.hook_name].append((self._index(site, vrows, at), value))
         fired: set[str] = set()
         hooks: list[Hook] = []
@@ -419,6 +451,8 @@ class PatchEngine:
         """The site's clean activation in ``state``'s model for prompts ``rows``; for
         ``head_out`` the head's own write ``z_h @ W_O[h]``."""
         pos = self._pos(rows, site)
+        if isinstance(pos, Tensor):  # per-prompt positions index the state's own cache
+            pos = pos.to(self.devices[state.name])
         if site.kind is Component.HEAD_OUT:
             assert site.head is not None
             z = state.cache[f"blocks.{site.layer}.attn.hook_z"]
@@ -444,62 +478,11 @@ class PatchEngine:
         state.mid_checked.add(layer)
 
     def _w_o(self, state: _ModelState, layer: int) -> Float[Tensor, "head d_head d_model"]:
-        """Each head's slice of the output projection, read off the module (any weight layout)."""
-        if layer in state.w_o:
-            return state.w_o[layer]
-        model = state.runner.model
-        o = model.blocks[layer].attn.o
-        width = self.shape.n_heads * int(model.cfg.d_head)
-        with torch.no_grad():
-            eye = torch.eye(width, device=self.device, dtype=self.pair.dtype)
-            w = o(eye) - o(torch.zeros(1, width, device=self.device, dtype=self.pair.dtype))
-        w = w.reshape(self.shape.n_heads, width // self.shape.n_heads, -1)
-        z = state.cache.get(f"blocks.{layer}.attn.hook_z")
-        out = state.cache.get(f"blocks.{layer}.hook_attn_out")
-        if z is not None and out is not None:
-            with torch.no_grad():
-                bias = o(torch.zeros(1, width, device=self.device, dtype=self.pair.dtype))
-                recon = torch.einsum("bphd,hdm->bpm", z, w) + bias
-            err = (recon - out).abs().max().item()
-            scale = out.abs().max().item() + 1e-6
-            if err > 1e-4 * max(1.0, scale):
-                raise PatchingError(
-                    f"layer {layer}'s attention output is not z @ W_O + b_O (max error {err:.3g}) "
-                    "in this architecture, so a head's own write is undefined: use head_z instead"
-                )
-        state.w_o[layer] = w
-        return w
+        """Each head's slice of the output projection, read off the module (any weight layout;
+        checked against the clean run's ``z`` and attention output)."""
+        return output_projection(self, state, layer)
 
     def check_effective(self, state: _ModelState, kinds: set[tuple[Component, int]]) -> None:
-        """Writing noise into each patched hook must change the output (else a bridge discards
-        the edit, e.g. hooks fired after the HF module consumed the value). Probed once per model
-        for every (component, layer) a patch touches, at head 0 / neuron 0, on one prompt."""
-        todo = kinds - state.probed
-        if not todo:
-            return
-        rows = slice(0, 1)
-        positions = self.inputs.positions[rows]
-        tokens = self.tokens[rows]
-        # The baseline is a run of the same single prompt: logits of a batch-1 run need not be
-        # bitwise equal to the same prompt's logits inside a larger batch.
-        clean = state.runner.logits_at(positions, tokens=tokens)
-        for kind, layer in sorted(todo):
-            site = Site(
-                kind,
-                layer,
-                head=0 if kind.per_head else None,
-                neuron=0 if kind is Component.MLP_NEURON else None,
-            )
-
-            def noise(x: Tensor, hook: Any) -> Tensor:
-                # A local generator: the probe must not move the user's global torch RNG.
-                gen = torch.Generator(device=x.device).manual_seed(0)
-                return x + torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) + 1
-
-            got = state.runner.logits_at(positions, tokens=tokens, hooks=[(site.hook_name, noise)])
-            if torch.equal(got, clean):
-                raise PatchingError(
-                    f"writing to {site.hook_name} does not change the {state.name} model's output: "
-                    f"this bridge discards edits to {kind.value!r}, so it cannot be patched"
-                )
-            state.probed.add((kind, layer))
+        """Writing noise into each patched hook must change the output (see
+        :func:`mechdelta.patching._checks.check_effective`)."""
+        check_effective(self, state, kinds)

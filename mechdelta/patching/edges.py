@@ -59,6 +59,7 @@ from mechdelta.patching._edge_hooks import HybridPlan, hybrid_hooks
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
+from mechdelta.scale._memory import BatchBudget
 from mechdelta.stats.bootstrap import Bootstrap
 
 __all__ = ["SEMANTICS", "EdgePatcher", "as_edges", "patch_edges"]
@@ -149,7 +150,8 @@ def patch_edges(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
+    executor: Any = None,
 ) -> PatchResult | BothDirections[PatchResult]:
     """Patch a circuit (a set of edges) from the source model into the target model and measure
     the task's metric. See the module docstring for the semantics:
@@ -188,7 +190,12 @@ def patch_edges(
             al.'s receiver). See :func:`~mechdelta.patching.paths.patch_paths`; provenance
             holds ``"paths"`` and ``"semantics": "path"``.
         n_boot, alpha, seed: the bootstrap of the score's interval.
-        batch_budget: rows per forward (default: the patching engine's).
+        batch_budget: rows per forward (default: the patching engine's; ``"auto"``: from the
+            free memory of the pair's device).
+        executor: where the patched forwards run: ``"local"`` (default, this process), a
+            :class:`~mechdelta.LocalExecutor` with a ``shard_dir`` (resumable), or a
+            :class:`~mechdelta.RayExecutor`; the numbers are the same (see
+            :mod:`mechdelta.scale.executor`). Path patching runs in this process.
 
     Returns a :class:`~mechdelta.PatchResult` with ``sites=()``, the edges (strings, graph order;
     ``"unembed"`` last when present) in ``provenance["edges"]`` and the semantics in
@@ -208,7 +215,7 @@ def patch_edges(
         return patch_paths(pair, task, paths, direction, n_boot=n_boot, alpha=alpha, seed=seed,
                            batch_budget=batch_budget)  # fmt: skip
     d = Direction.coerce(direction)
-    patcher = EdgePatcher(pair, task, batch_budget=batch_budget)
+    patcher = EdgePatcher(pair, task, batch_budget=batch_budget, executor=executor)
     circuit, unembed = split_members(edges, patcher.graph, patcher.all_edges, s)
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(patcher.engine, boot)
@@ -225,9 +232,22 @@ class EdgePatcher:
     stacked forwards (the same values as one call each, up to float rounding)."""
 
     def __init__(
-        self, pair: Any, task: Any, *, batch_budget: int | None = None, engine: Any = None
+        self,
+        pair: Any,
+        task: Any,
+        *,
+        batch_budget: BatchBudget = None,
+        engine: Any = None,
+        executor: Any = None,
     ) -> None:
+        from mechdelta.scale._devices import require_one_device
+
+        require_one_device(pair, "edge and path patching")
+        from mechdelta.scale.executor import coerce_executor
+
         self.engine = engine or PatchEngine(pair, task, batch_budget=batch_budget)
+        #: where :meth:`run`'s stacked forwards run (None: this process, the plain loop).
+        self.executor = coerce_executor(executor)
         self.pair = pair
         self.graph = Graph.from_model(pair)
         self.all_edges = frozenset(self.graph.edges)
@@ -256,34 +276,64 @@ class EdgePatcher:
         sets = [e for e, _ in split]
         unembed = [u for _, u in split]
         if s == "ablate":
-            running, other, redirected = d.source, d.target, [self.all_edges - c for c in sets]
+            running, redirected = d.source, [self.all_edges - c for c in sets]
         else:
-            running, other, redirected = d.target, d.source, sets
+            running, redirected = d.target, sets
         engine = self.engine
         clean = engine.metric_of(running)
         out = clean.repeat(len(sets), 1)
         live = [i for i, e in enumerate(redirected) if e or unembed[i]]
         if not live:
             return out
-        self._check(running)
-        self._check(other)
-        if s == "graft":
-            _edge_graft.check_premises(self, other)
-        self._probe(running, [redirected[i] for i in live])
+        self._prepare(d, s, [redirected[i] for i in live])
         n = engine.prepared.batch_size
         chunk_b = min(n, engine.budget)
         per_v = max(1, engine.budget // (chunk_b * (2 if s == "graft" else 1)))
-        for b0 in range(0, n, chunk_b):
-            rows = slice(b0, min(b0 + chunk_b, n))
-            for v0 in range(0, len(live), per_v):
-                chunk = live[v0 : v0 + per_v]
+        jobs = [
+            (slice(b0, min(b0 + chunk_b, n)), live[v0 : v0 + per_v])
+            for b0 in range(0, n, chunk_b)
+            for v0 in range(0, len(live), per_v)
+        ]
+        if self.executor is None:
+            for rows, chunk in jobs:
                 sub = [redirected[i] for i in chunk]
-                if s == "graft":
-                    values = _edge_graft.run_chunk(self, d, rows, sub, [unembed[i] for i in chunk])
-                else:
-                    values = self._run_chunk(running, other, rows, sub)
+                values = self.run_redirected(d, s, rows, sub, [unembed[i] for i in chunk])
                 out[chunk, rows] = values.cpu().to(out.dtype)
-        return out
+            return out
+        from mechdelta.patching._work import execute_edges
+
+        return execute_edges(self, d, s, redirected, unembed, jobs, out)
+
+    def run_redirected(
+        self,
+        direction: Direction,
+        semantics: str,
+        rows: slice,
+        sets: list[frozenset[Edge]],
+        unembed: list[bool],
+    ) -> Float[Tensor, "circuit batch"]:
+        """One stacked forward: the metric per prompt of ``rows`` for each redirected edge set
+        (under ``"ablate"`` the complement of a circuit; under ``"graft"`` with ``unembed``)."""
+        if semantics == "ablate":
+            running, other = direction.source, direction.target
+        else:
+            running, other = direction.target, direction.source
+        self._prepare(direction, semantics, sets)
+        if semantics == "graft":
+            return _edge_graft.run_chunk(self, direction, rows, sets, unembed)
+        return self._run_chunk(running, other, rows, sets)
+
+    def _prepare(self, d: Direction, semantics: str, sets: list[frozenset[Edge]]) -> None:
+        """The premises and hook probes a hybrid run needs (each done once per model)."""
+        if semantics == "ablate":
+            running, other = d.source, d.target
+        else:
+            running, other = d.target, d.source
+        self._check(running)
+        self._check(other)
+        if semantics == "graft":
+            _edge_graft.check_premises(self, other)
+        self._probe(running, sets)
 
     def graft_writes(
         self, direction: Direction | str, rows: slice

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mechdelta.core._layout import head_axis
@@ -42,6 +43,7 @@ from mechdelta.errors import ConfigError, PatchingError, SiteError
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import BothDirections, PatchResult, SweepResult
 from mechdelta.patching.shift import ShiftResult, engine_shift
+from mechdelta.scale._memory import BatchBudget
 from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
@@ -119,6 +121,9 @@ class _Weights:
     a bridge's ``state_dict()`` costs tens of milliseconds."""
 
     def __init__(self, pair: ModelPair) -> None:
+        from mechdelta.scale._devices import require_one_device
+
+        require_one_device(pair, "graft semantics")
         self.pair, self.shape = pair, pair.shape
         self.sd = {k: getattr(pair, k).state_dict() for k in ("reference", "intervened")}
         self._axes: dict[tuple[int, str], int] = {}
@@ -235,24 +240,70 @@ def graft_values(
     out = engine.metric_of(direction.target).repeat(len(variants), 1)  # clean runs (+ cache)
     batch = engine.prepared.batch_size
     chunk = min(batch, engine.budget)
-    for v in progress(range(len(variants)), desc=desc, enabled=engine.progress):
-        plan = weights.plan(variants[v])
-        if skip_identical and weights.delta(plan) == 0:
-            continue  # every grafted parameter equals the target's: the clean run, exactly
-        start = weights.start(plan) if engine.prefix_reuse else None
+    chunks = [slice(b0, min(b0 + chunk, batch)) for b0 in range(0, batch, chunk)]
+    live = [
+        v for v in range(len(variants))
+        if not skip_identical or weights.delta(weights.plan(variants[v])) != 0
+    ]  # fmt: skip
+    # (a variant whose every grafted parameter equals the target's is the clean run, exactly)
+    if engine.executor is not None:
+        from mechdelta.patching._work import GraftWork, pair_identity, plan
+        from mechdelta.scale.executor import merge
+
+        shards = plan([(rows, (v,)) for v in live for rows in chunks])
+        work = GraftWork(
+            task=engine.prepared.task,
+            direction=direction,
+            variants=tuple(tuple(p) for p in variants),
+            jobs=tuple(shards),
+            budget=engine.budget,
+            prefix_reuse=engine.prefix_reuse,
+            pair_hashes=pair_identity(engine.pair),
+            task_hash=engine.prepared.prompt_hash(),
+            desc=desc,
+        )
+        values = engine.executor.map(work, engine.pair, local_state=(engine, weights),
+                                     progress=engine.progress)  # fmt: skip
+        return merge(shards, values, out, range(len(variants)))
+    for v in progress(live, desc=desc, enabled=engine.progress):
+        plan_v = weights.plan(variants[v])
+        start = weights.start(plan_v) if engine.prefix_reuse else None
         if start is not None:
             engine.check_prefix_reuse(tgt)  # before the swap: the clean model must match
-        with weights.swapped(direction, plan):
-            for b0 in range(0, batch, chunk):
-                rows = slice(b0, min(b0 + chunk, batch))
-                positions = engine.inputs.positions[rows]
-                if start is None:
-                    logits = tgt.runner.logits_at(positions, tokens=engine.tokens[rows])
-                else:
-                    resid = tgt.cache[f"blocks.{start}.hook_resid_pre"][rows]
-                    logits = tgt.runner.logits_at(positions, resid=resid, start_layer=start)
-                out[v, rows] = engine.prepared.metric(logits, engine.inputs.select(rows)).cpu()
+        with weights.swapped(direction, plan_v):
+            for rows in chunks:
+                out[v, rows] = _graft_rows(engine, direction, start, rows)
     return out
+
+
+def graft_shard(
+    engine: PatchEngine,
+    weights: _Weights,
+    direction: Direction,
+    parts: Sequence[_Part],
+    rows: slice,
+) -> Float[Tensor, "1 chunk"]:
+    """One variant's metric per prompt of ``rows`` (a shard of :func:`graft_values`)."""
+    engine.metric_of(direction.target)  # the clean runs (+ cache)
+    plan_v = weights.plan(parts)
+    start = weights.start(plan_v) if engine.prefix_reuse else None
+    if start is not None:
+        engine.check_prefix_reuse(engine.states[direction.target])
+    with weights.swapped(direction, plan_v):
+        return _graft_rows(engine, direction, start, rows)[None]
+
+
+def _graft_rows(
+    engine: PatchEngine, direction: Direction, start: int | None, rows: slice
+) -> Float[Tensor, " chunk"]:
+    tgt = engine.states[direction.target]
+    positions = engine.inputs.positions[rows]
+    if start is None:
+        logits = tgt.runner.logits_at(positions, tokens=engine.tokens[rows])
+    else:
+        resid = tgt.cache[f"blocks.{start}.hook_resid_pre"][rows]
+        logits = tgt.runner.logits_at(positions, resid=resid, start_layer=start)
+    return engine.prepared.metric(logits, engine.inputs.select(rows)).cpu()
 
 
 def _directions(
@@ -287,7 +338,7 @@ def graft(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     prefix_reuse: bool = True,
 ) -> PatchResult | BothDirections[PatchResult]:
     """Run the *target* model with ``components``' parameters taken from the *source* model,
@@ -356,12 +407,13 @@ def graft_sweep(
     layers: Sequence[int] | None,
     positions: Sequence[int] | None,
     neurons: Sequence[int] | None,
-    batch_budget: int | None,
+    batch_budget: BatchBudget,
     n_boot: int,
     alpha: float,
     seed: int,
     progress: bool | None,
     prefix_reuse: bool,
+    executor: Any = None,
 ) -> SweepResult | BothDirections[SweepResult]:
     """``sweep(..., semantics="graft")``: each site of the grid grafted on its own."""
     from mechdelta.patching.sweep import axis_tokens, engine_grid
@@ -375,7 +427,12 @@ def graft_sweep(
     if comp not in _KIND_OF:
         raise ConfigError(f"semantics='graft' cannot sweep {comp.value!r}; use {_GRAFTABLE}")
     engine = PatchEngine(
-        pair, task, batch_budget=batch_budget, progress=progress, prefix_reuse=prefix_reuse
+        pair,
+        task,
+        batch_budget=batch_budget,
+        progress=progress,
+        prefix_reuse=prefix_reuse,
+        executor=executor,
     )
     comp, dims, coords, sites = engine_grid(
         engine, comp, "sweep", layers=layers, heads=heads, neurons=neurons

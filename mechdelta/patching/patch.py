@@ -11,6 +11,8 @@ from mechdelta.errors import SiteError
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
+from mechdelta.scale._memory import BatchBudget
+from mechdelta.scale.executor import Executor
 from mechdelta.stats.bootstrap import Bootstrap
 
 if TYPE_CHECKING:
@@ -40,8 +42,9 @@ def patch(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     prefix_reuse: bool = True,
+    executor: Executor | str | None = None,
 ) -> PatchResult | BothDirections[PatchResult]:
     """Splice the source model's activations at every site in ``sites`` *jointly* into the
     target model's run and measure the task's metric.
@@ -57,8 +60,8 @@ def patch(
     head's write inside its layer's ``attn_out``) adds nothing, and the order never matters.
 
     Sites at a fixed position need prompts of one token length (position p must be the same
-    token in every prompt) or ``Task(align="right")``. ``prefix_reuse`` as in
-    :func:`~mechdelta.sweep`.
+    token in every prompt) or ``Task(align="right")``. ``batch_budget``, ``prefix_reuse`` and
+    ``executor`` (shards are prompt batches here) as in :func:`~mechdelta.sweep`.
     """
     chosen = as_sites(sites)
     if not chosen:
@@ -68,7 +71,12 @@ def patch(
         )
     d = Direction.coerce(direction)
     engine = PatchEngine(
-        pair, task, sites=chosen, batch_budget=batch_budget, prefix_reuse=prefix_reuse
+        pair,
+        task,
+        sites=chosen,
+        batch_budget=batch_budget,
+        prefix_reuse=prefix_reuse,
+        executor=executor,
     )
     boot = Bootstrap(n_boot, alpha, seed)
     shift = engine_shift(engine, boot)

@@ -78,6 +78,7 @@ from mechdelta.patching._path_hooks import Pass, Plan, Stop, halt
 from mechdelta.patching.edges import EdgePatcher
 from mechdelta.patching.results import BothDirections, PatchResult, direction_results
 from mechdelta.patching.shift import engine_shift
+from mechdelta.scale._memory import BatchBudget
 from mechdelta.stats.bootstrap import Bootstrap
 
 __all__ = ["Path", "PathPatcher", "as_paths", "patch_paths", "path_values"]
@@ -265,7 +266,7 @@ def patch_paths(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
 ) -> PatchResult | BothDirections[PatchResult]:
     """Path patching: the source model's change of each path's first sender travels into the
     target model *only* along the path's hops (treeified, splice-style; see the module docstring
@@ -316,7 +317,7 @@ def path_values(
     path_sets: Sequence[PathLike | Iterable[PathLike]],
     direction: Direction | str = Direction.REFERENCE_TO_INTERVENED,
     *,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
 ) -> Float[Tensor, "set batch"]:
     """The metric per prompt of T's run with each set of paths patched (one direction), all sets
     stacked along the batch; equal to one :func:`patch_paths` call per set."""
@@ -334,7 +335,7 @@ class PathPatcher:
         pair: Any,
         task: Any,
         *,
-        batch_budget: int | None = None,
+        batch_budget: BatchBudget = None,
         edges: EdgePatcher | None = None,
     ) -> None:
         self.edges = edges or EdgePatcher(pair, task, batch_budget=batch_budget)

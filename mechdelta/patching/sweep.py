@@ -14,6 +14,8 @@ from mechdelta.errors import ConfigError, SiteError
 from mechdelta.patching._engine import PatchEngine
 from mechdelta.patching.results import BothDirections, SweepResult
 from mechdelta.patching.shift import engine_shift
+from mechdelta.scale._memory import BatchBudget
+from mechdelta.scale.executor import Executor, coerce_executor
 from mechdelta.stats.bootstrap import Bootstrap, score_ci
 
 if TYPE_CHECKING:
@@ -154,13 +156,14 @@ def sweep(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
-    batch_budget: int | None = None,
+    batch_budget: BatchBudget = None,
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
     progress: bool | None = None,
     prefix_reuse: bool = True,
     semantics: str = "splice",
+    executor: Executor | str | None = None,
 ) -> SweepResult | BothDirections[SweepResult]:
     """Patch each site of a grid on its own and score how much of the shift it explains.
 
@@ -170,8 +173,9 @@ def sweep(
         per_position: one site per position too (needs prompts of one token length).
         heads, layers, positions, neurons: restrict the grid (default: all).
         batch_budget: most rows (patched variants x prompts) per forward pass; bounds the peak
-            memory of the patched passes. Default 64. The clean runs' caches (each block's
-            residual input plus the hooks the grid reads, for both models) come on top.
+            memory of the patched passes. Default 64; ``"auto"``: derived from the free memory of
+            the pair's device. The clean runs' caches (each block's residual input plus the
+            hooks the grid reads, for both models) come on top.
         n_boot, alpha, seed: bootstrap over prompts for the confidence intervals.
         progress: show progress (default: for more than 4 passes; a bar in Jupyter or on a
             terminal, plain lines on stderr otherwise; False: silent).
@@ -181,10 +185,16 @@ def sweep(
             ``"graft"``: each site is a whole component run with the source's *parameters*
             (``head_out``: the head's Q/K/V/O slices; ``mlp_out``: the MLP and its norm; see
             :func:`~mechdelta.patching.graft.graft`); no positions, one target forward per site.
+        executor: where the patched forwards run. ``"local"`` / None (default): this process.
+            A :class:`~mechdelta.LocalExecutor` with ``shard_dir``: this process, each finished
+            shard (a prompt batch x a stack of sites) written there and skipped when the same
+            sweep runs again. A :class:`~mechdelta.RayExecutor`: the shards on Ray actors. The
+            numbers and the site order are the same in every case (bit for bit on CPU).
 
     Returns a :class:`~mechdelta.patching.results.SweepResult`, or a
     :class:`~mechdelta.patching.results.BothDirections` of two for ``direction="both"``.
     """
+    chosen_executor = coerce_executor(executor)
     if _semantics(semantics) == "graft":
         from mechdelta.patching.graft import graft_sweep
 
@@ -204,10 +214,16 @@ def sweep(
             seed=seed,
             progress=progress,
             prefix_reuse=prefix_reuse,
+            executor=chosen_executor,
         )
     d = Direction.coerce(direction)
     engine = PatchEngine(
-        pair, task, batch_budget=batch_budget, progress=progress, prefix_reuse=prefix_reuse
+        pair,
+        task,
+        batch_budget=batch_budget,
+        progress=progress,
+        prefix_reuse=prefix_reuse,
+        executor=chosen_executor,
     )
     prepared = engine.prepared
     comp, dims, coords, sites = engine_grid(

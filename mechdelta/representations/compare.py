@@ -95,6 +95,9 @@ def compare_representations(
     :class:`~mechdelta.errors.TaskError` for fewer than 4 rows, and
     :class:`~mechdelta.errors.ConfigError` for bad options.
     """
+    from mechdelta.scale._devices import require_one_device
+
+    require_one_device(pair, "compare_representations")
     from mechdelta.core.task import Task
 
     if not isinstance(task, Task):

@@ -74,6 +74,9 @@ class RunContext:
     control: Any = None  # the [control] pair, if any
     series: Any = None  # the [series] (a CheckpointSeries), if any
     run_dir: Path | None = None  # where a series analysis keeps its finished pairs
+    #: where the patched forwards run (an Executor, None: the in-process loop); every analysis
+    #: whose function takes ``executor=`` gets it (mechdelta.runs._executor_spec)
+    executor: Any = None
 
     @property
     def boot(self) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def _run_sweep(ctx: RunContext, spec: AnalysisSpec) -> Any:
         **spec.grid(),
         batch_budget=spec.batch_budget,
         progress=ctx.progress,
+        executor=ctx.executor,
         **ctx.boot,
     )
 
@@ -108,7 +112,13 @@ def _run_patch(ctx: RunContext, spec: AnalysisSpec) -> Any:
 
     assert spec.sites is not None
     return patch(
-        ctx.pair, ctx.task, spec.sites, spec.direction, batch_budget=spec.batch_budget, **ctx.boot
+        ctx.pair,
+        ctx.task,
+        spec.sites,
+        spec.direction,
+        batch_budget=spec.batch_budget,
+        executor=ctx.executor,
+        **ctx.boot,
     )
 
 
@@ -116,7 +126,9 @@ def _run_attribute(ctx: RunContext, spec: AnalysisSpec) -> Any:
     from mechdelta.attribution.nodes import attribute
 
     kw = spec.attribution_kwargs()
-    return attribute(ctx.pair, ctx.task, **kw, progress=ctx.progress, **ctx.boot)
+    return attribute(
+        ctx.pair, ctx.task, **kw, progress=ctx.progress, executor=ctx.executor, **ctx.boot
+    )
 
 
 def _run_attribute_edges(ctx: RunContext, spec: AnalysisSpec) -> Any:
@@ -138,6 +150,7 @@ def _run_circuit(ctx: RunContext, spec: AnalysisSpec) -> Any:
             direction=direction,
             **spec.circuit_kwargs(),
             progress=ctx.progress,
+            executor=ctx.executor,
         )
 
     direction = Direction(spec.direction)

@@ -80,6 +80,7 @@ def run_explain(ctx: Any, spec: Any) -> StoredExplanation:
         **explain_kwargs(spec, ctx.experiment.run),
         overwrite=True,  # stages of other parameters (a renamed analysis) are recomputed
         progress=ctx.progress,
+        executor=ctx.executor,
     )
     return StoredExplanation(explanation, out)
 

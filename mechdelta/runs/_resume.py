@@ -26,7 +26,7 @@ from mechdelta.runs.rundir import (
 __all__ = ["check_identity", "damaged_analyses", "prepare_dir"]
 
 _COMPUTE_KEYS = COMPUTE_KEYS
-_RUN_NAMES = {MANIFEST, RESULTS, FIGURES, "report.md", "report.html"}
+_RUN_NAMES = {MANIFEST, RESULTS, FIGURES, "report.md", "report.html", "shards"}
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

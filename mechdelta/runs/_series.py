@@ -148,6 +148,7 @@ def run_series(ctx: Any, spec: AnalysisSpec, cache_dir: Path | None) -> Any:
         "mode": mode,
         "progress": ctx.progress,
         "cache": None if cache_dir is None else DirCache(cache_dir),
+        "executor": ctx.executor,  # passed through to each pair's sweep / attribute / search
     }
     if inner.kind == "sweep":
         assert inner.component is not None

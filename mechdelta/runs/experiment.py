@@ -38,6 +38,12 @@ into a run directory. Every unknown key is an error naming the key and the keys 
     n_boot = 2000
     alpha = 0.05
 
+    [executor]                   # optional, not part of the run's identity (any executor
+    kind = "ray"                 # resumes any run): "local" (default) or "ray" (address,
+    address = "auto"             # num_workers, gpus_per_worker, cpus_per_worker); shards = true
+                                 # (default) keeps finished shards in RUN/shards for resuming
+                                 # (mechdelta.runs._executor_spec; CLI: --executor, --address)
+
     [output]
     figures = ["html", "png"]    # plus <id>.json, always
     require_static = true        # false: skip PNG/SVG/PDF (with a note) when no browser is found
@@ -102,6 +108,7 @@ from mechdelta.runs._config import (
     jsonable,
     short_hash,
 )
+from mechdelta.runs._executor_spec import ExecutorSpec
 from mechdelta.runs._series_spec import SeriesSpec
 from mechdelta.runs._settings import FIGURE_FORMATS, STATIC_FORMATS, OutputSpec, RunSpec
 from mechdelta.runs.analyses import ANALYSIS_KINDS, KIND_KEYS, AnalysisSpec
@@ -111,6 +118,7 @@ __all__ = [
     "FIGURE_FORMATS",
     "STATIC_FORMATS",
     "AnalysisSpec",
+    "ExecutorSpec",
     "Experiment",
     "OutputSpec",
     "PairSpec",
@@ -311,8 +319,10 @@ class Experiment:
     description: str = ""
     control: PairSpec | None = None
     series: SeriesSpec | None = None
+    #: where the patched forwards run; not part of the run's identity (not a COMPUTE_KEYS key)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 
-    KEYS = ("name", "description", "pair", "task", "analyses", "run", "output", "control", "series")
+    KEYS = ("name", "description", *COMPUTE_KEYS, "output", "executor")
 
     def __post_init__(self) -> None:
         if not self.analyses:
@@ -388,6 +398,7 @@ class Experiment:
             series=None
             if series is None
             else SeriesSpec.from_dict(check_table(series, "[series]")),
+            executor=ExecutorSpec.from_dict(check_table(data.get("executor", {}), "[executor]")),
         )
 
     @classmethod
@@ -443,6 +454,7 @@ class Experiment:
             "analyses": [a.to_dict() for a in self.analyses],
             "control": None if self.control is None else self.control.to_dict(),
             "series": None if self.series is None else self.series.to_dict(),
+            "executor": self.executor.to_dict(),
         }
 
     def compute_dict(self) -> dict[str, Any]:

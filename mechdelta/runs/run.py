@@ -19,7 +19,11 @@ are part of the analysis: stored in its directory before ``analysis.json``, so a
 analysis is recomputed whole; but a series analysis (``kind = "series"``, over the
 experiment's ``[series]``) keeps each finished pair, and a resumed run computes only the pairs
 left (:mod:`mechdelta.runs._series`), and an explain analysis keeps each finished stage of
-its explanation (:mod:`mechdelta.runs._explain`). The pair is loaded and each analysis computed by
+its explanation (:mod:`mechdelta.runs._explain`). Inside an analysis, the patched forwards run
+on the experiment's ``[executor]`` (in this process, or on a Ray cluster), and with ``shards =
+true`` (the default) each finished shard is kept in ``RUN/shards`` until the run completes: a
+resumed run, with any executor, computes only the shards left
+(:mod:`mechdelta.runs._executor_spec`). The pair is loaded and each analysis computed by
 :mod:`mechdelta.runs._executors`; :mod:`mechdelta.runs._store` writes each analysis.
 
 Every writer (a run, figures, the report) holds the directory's exclusive lock
@@ -29,6 +33,7 @@ Every writer (a run, figures, the report) holds the directory's exclusive lock
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -36,7 +41,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +55,13 @@ from mechdelta.errors import (
     TaskError,
 )
 from mechdelta.runs._controls import SPLIT_HALF_MIN_PROMPTS, analysis_extras, preflight_control
+from mechdelta.runs._executor_spec import (
+    ExecutorSpec,
+    executor_record,
+    open_executor,
+    remove_shards,
+    stored_shards,
+)
 from mechdelta.runs._executors import EXECUTORS, RunContext, load_pair
 from mechdelta.runs._executors import tiny_task as tiny_task  # the built-in pair's task
 from mechdelta.runs._explain import explain_extras, kept_stages
@@ -76,6 +88,9 @@ from mechdelta.runs.rundir import (
     StoredRun,
     result_figures,
 )
+
+if TYPE_CHECKING:
+    from mechdelta.scale.executor import Executor
 
 __all__ = ["SPLIT_HALF_MIN_PROMPTS", "RunResult", "regenerate_figures", "run_experiment"]
 
@@ -172,6 +187,7 @@ def run_experiment(
     quiet: bool = False,
     overwrite: bool = False,
     repair: bool = False,
+    executor: ExecutorSpec | Executor | None = None,
 ) -> RunResult:
     """Run an experiment (an :class:`Experiment`, its dict, or a TOML path) into ``out_dir``.
 
@@ -183,6 +199,15 @@ def run_experiment(
     the others. ``overwrite=True`` deletes an existing run's contents first and starts over
     (never a directory that is not a mechdelta run). ``quiet`` silences progress output;
     warnings are re-issued once each, after their analysis is stored.
+
+    The patched forwards run on the experiment's ``[executor]`` (``executor``: an
+    :class:`~mechdelta.runs.experiment.ExecutorSpec` overriding it, or an
+    :class:`~mechdelta.scale.executor.Executor` used as it is and left open), built once when
+    there is something to compute and closed at the end. With ``shards = true`` (the default)
+    each finished shard is stored in ``out_dir/shards`` and a resumed run skips it, whichever
+    executor it uses (the executor is recorded in the manifest, not checked on resume);
+    ``out_dir/shards`` is removed once every analysis is stored
+    (:mod:`mechdelta.runs._executor_spec`).
 
     The directory is locked for the whole run: another process writing it (a run, ``mechdelta
     figures`` or ``report``) raises :class:`~mechdelta.errors.RunLockedError` here at once, and
@@ -200,7 +225,15 @@ def run_experiment(
         source = os.path.abspath(config_or_path)
     out = Path(out_dir)
     with run_lock(out, f"mechdelta run {source or exp.name}", create=True):
-        return _run_locked(exp, out, source, quiet=quiet, overwrite=overwrite, repair=repair)
+        return _run_locked(
+            exp,
+            out,
+            source,
+            quiet=quiet,
+            overwrite=overwrite,
+            repair=repair,
+            executor=exp.executor if executor is None else executor,
+        )
 
 
 def _run_locked(
@@ -211,6 +244,7 @@ def _run_locked(
     quiet: bool,
     overwrite: bool,
     repair: bool,
+    executor: ExecutorSpec | Executor,
 ) -> RunResult:
     t_start = time.perf_counter()
     stored = prepare_dir(out, exp, overwrite=overwrite)
@@ -290,63 +324,75 @@ def _run_locked(
             manifest["timings"]["analyses_s"][entry["id"]] = rec["seconds"]
     write_manifest(out, manifest)
 
-    ctx = RunContext(
-        pair,
-        task,
-        exp,
-        progress=False if quiet else None,
-        control=control_pair,
-        series=series,
-        run_dir=out,
-    )
-    computed: list[str] = []
-    skipped: list[str] = []
-    shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
-    for i, (spec, entry) in enumerate(zip(exp.analyses, manifest["analyses"], strict=True)):
-        label = f"[{i + 1}/{len(exp.analyses)}] {spec.id}"
-        if entry["status"] == "complete":
-            skipped.append(spec.id)
-            _say(quiet, f"{label}: complete, skipped")
-            continue
-        kept = finished_pairs(partial_dir(out, spec.id))
-        what = "pairs"
-        if spec.kind == "explain":  # an explanation keeps its finished stages
-            kept, what = kept_stages(partial_dir(out, spec.id)), "explanation stages"
-        _say(quiet, f"{label}: running" + (f" ({kept} {what} kept from before)" if kept else ""))
-        clear_analysis(out, spec.id)
-        torch.manual_seed(exp.run.seed)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = EXECUTORS[spec.kind](ctx, spec)
-        extras = analysis_extras(ctx, spec, result)
-        if spec.kind == "explain":
-            extras = explain_extras(result)
-        seconds = time.perf_counter() - t0
-        messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
-        save_analysis(
-            out,
-            spec.id,
-            kind=spec.kind,
-            params=spec.params(),
-            result=result,
-            seconds=seconds,
-            warnings=messages,
-            extras=extras,
-        )
-        clear_partial(out, spec.id)
-        entry.update(status="complete", seconds=round(seconds, 3))
-        manifest["timings"]["analyses_s"][spec.id] = round(seconds, 3)
-        session["computed"] = [*session["computed"], spec.id]
+    pending = [e["id"] for e in manifest["analyses"] if e["status"] != "complete"]
+    kept_shards = stored_shards(out) if pending else 0
+    if kept_shards:
+        _say(quiet, f"{kept_shards} finished shards kept from before (shards/)")
+    opened = open_executor(executor, out) if pending else contextlib.nullcontext(None)
+    with opened as ex:  # built only when there is something to compute; closed after
+        manifest["executor"] = session["executor"] = executor_record(executor, ex)
         write_manifest(out, manifest)
-        computed.append(spec.id)
-        _say(quiet, f"{label}: done in {seconds:.1f} s")
-        for w in caught:  # shown once each per run, after the result is safely stored
-            key = (w.category, str(w.message))
-            if key not in shown:
-                shown.add(key)
-                warnings.warn(w.message, w.category, stacklevel=3)
+        ctx = RunContext(
+            pair,
+            task,
+            exp,
+            progress=False if quiet else None,
+            control=control_pair,
+            series=series,
+            run_dir=out,
+            executor=ex,
+        )
+        computed: list[str] = []
+        skipped: list[str] = []
+        shown: set[tuple[type[Warning], str]] = set()  # each distinct warning once per run
+        for i, (spec, entry) in enumerate(zip(exp.analyses, manifest["analyses"], strict=True)):
+            label = f"[{i + 1}/{len(exp.analyses)}] {spec.id}"
+            if entry["status"] == "complete":
+                skipped.append(spec.id)
+                _say(quiet, f"{label}: complete, skipped")
+                continue
+            kept = finished_pairs(partial_dir(out, spec.id))
+            what = "pairs"
+            if spec.kind == "explain":  # an explanation keeps its finished stages
+                kept, what = kept_stages(partial_dir(out, spec.id)), "explanation stages"
+            _say(
+                quiet, f"{label}: running" + (f" ({kept} {what} kept from before)" if kept else "")
+            )
+            clear_analysis(out, spec.id)
+            torch.manual_seed(exp.run.seed)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = EXECUTORS[spec.kind](ctx, spec)
+            extras = analysis_extras(ctx, spec, result)
+            if spec.kind == "explain":
+                extras = explain_extras(result)
+            seconds = time.perf_counter() - t0
+            messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+            save_analysis(
+                out,
+                spec.id,
+                kind=spec.kind,
+                params=spec.params(),
+                result=result,
+                seconds=seconds,
+                warnings=messages,
+                extras=extras,
+            )
+            clear_partial(out, spec.id)
+            entry.update(status="complete", seconds=round(seconds, 3))
+            manifest["timings"]["analyses_s"][spec.id] = round(seconds, 3)
+            session["computed"] = [*session["computed"], spec.id]
+            write_manifest(out, manifest)
+            computed.append(spec.id)
+            _say(quiet, f"{label}: done in {seconds:.1f} s")
+            for w in caught:  # shown once each per run, after the result is safely stored
+                key = (w.category, str(w.message))
+                if key not in shown:
+                    shown.add(key)
+                    warnings.warn(w.message, w.category, stacklevel=3)
     session["skipped"] = skipped
+    remove_shards(out)  # every analysis is stored: its shards are not needed any more
 
     t0 = time.perf_counter()
     figures, skipped_static = _write_figures(run, exp, quiet=quiet)

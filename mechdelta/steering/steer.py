@@ -193,6 +193,9 @@ def steer(
     Raises ConfigError for empty, repeated or non-finite alphas, a negative ``n_random`` or
     vectors of another width; SiteError for a site out of range for ``pair``.
     """
+    from mechdelta.scale._devices import require_one_device
+
+    require_one_device(pair, "steer")
     from mechdelta.patching._engine import PatchEngine
     from mechdelta.patching.shift import engine_shift
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ def load(name: str, path: str | os.PathLike[str] | None = None) -> ZooEntry:
     entry = load_entry(root, name)
     if entry.card.name != name:
         raise ZooError(f"{os.fspath(root)!r} holds the {entry.card.name!r} entry, not {name!r}")
+    # a RayExecutor's actors load the entry again from the same data (checked by weight hash)
+    entry.pair.recipe = functools.partial(load, name, path)
     return entry
 
 
