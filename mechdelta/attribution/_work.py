@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Component, Site
-from mechdelta.patching._work import check_same_pair
+from mechdelta.scale._transport import check_hashes
 from mechdelta.scale.executor import Shard, work_key
 
 __all__ = ["AttributionWork"]
@@ -62,7 +62,7 @@ class AttributionWork:
     def setup(self, pair: Any) -> Any:
         from mechdelta.patching._engine import PatchEngine
 
-        check_same_pair(pair, self.pair_hashes)
+        check_hashes(pair, self.pair_hashes)
         return PatchEngine(pair, self.task, batch_budget=self.budget, progress=False)
 
     def run(self, state: Any, shard: Shard) -> Tensor:

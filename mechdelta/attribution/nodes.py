@@ -209,11 +209,10 @@ def _estimate(
             out[:, rows] = estimate_rows(engine, direction, comp, sites, method, steps, rows, drop)
         return out
     from mechdelta.attribution._work import AttributionWork
-    from mechdelta.patching._work import pair_identity, plan
+    from mechdelta.patching._work import engine_fields, plan
 
     shards = plan([(rows, ()) for rows in chunks])
     work = AttributionWork(
-        task=engine.prepared.task,
         direction=direction,
         component=comp,
         sites=tuple(sites),
@@ -221,10 +220,8 @@ def _estimate(
         steps=steps,
         drop=drop,
         jobs=tuple(shards),
-        budget=engine.budget,
-        pair_hashes=pair_identity(engine.pair),
-        task_hash=engine.prepared.prompt_hash(),
         desc=f"{method.value} {comp.value} {direction.value}",
+        **engine_fields(engine),
     )
     values = engine.executor.map(work, engine.pair, local_state=engine, progress=engine.progress)
     for shard, v in zip(shards, values, strict=True):

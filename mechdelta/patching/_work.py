@@ -6,7 +6,8 @@ one :meth:`EdgePatcher.run <mechdelta.patching.edges.EdgePatcher.run>` call (cir
 Each shard is exactly one of the in-process loop's stacked forwards (same prompt rows, same
 variants in the same order, same batch budget), and every worker recomputes the same clean runs,
 so the merged values equal the in-process ones bit for bit on CPU. A worker's pair must have the
-weights the driver's pair has (checked by hash: a mismatch raises ``PatchingError``).
+weights the driver's pair has (:func:`~mechdelta.scale._transport.check_hashes`: a mismatch
+raises ``PatchingError``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from torch import Tensor
 
 from mechdelta.core.directions import Direction
 from mechdelta.core.sites import Site
-from mechdelta.errors import PatchingError
+from mechdelta.scale._transport import check_hashes
 from mechdelta.scale.executor import Shard, work_key
 
 __all__ = [
     "EdgesWork",
     "GraftWork",
     "SitesWork",
-    "check_same_pair",
+    "engine_fields",
     "execute_edges",
     "execute_sites",
     "plan",
@@ -43,18 +44,19 @@ def plan(
     ]
 
 
+def engine_fields(engine: Any) -> dict[str, Any]:
+    """What every work takes from the driver's engine: the task, the resolved batch budget, the
+    pair's weight hashes (checked on the worker) and the prompts' hash (in the work's key)."""
+    return {
+        "task": engine.prepared.task,
+        "budget": engine.budget,
+        "pair_hashes": pair_identity(engine.pair),
+        "task_hash": engine.prepared.prompt_hash(),
+    }
+
+
 def pair_identity(pair: Any) -> tuple[str, str]:
     return (str(pair.reference_hash), str(pair.intervened_hash))
-
-
-def check_same_pair(pair: Any, expected: tuple[str, str]) -> None:
-    got = pair_identity(pair)
-    if got != tuple(expected):
-        raise PatchingError(
-            f"a worker's pair has weight hashes {got}, the driver's {tuple(expected)}: the worker "
-            "loaded other checkpoints (a hub name resolving to a newer revision, a changed local "
-            "file); pin the revisions or load the pair from the same files"
-        )
 
 
 @dataclass
@@ -91,7 +93,7 @@ class SitesWork:
     def setup(self, pair: Any) -> Any:
         from mechdelta.patching._engine import PatchEngine
 
-        check_same_pair(pair, self.pair_hashes)
+        check_hashes(pair, self.pair_hashes)
         return PatchEngine(
             pair,
             self.task,
@@ -150,7 +152,7 @@ class EdgesWork:
     def setup(self, pair: Any) -> Any:
         from mechdelta.patching.edges import EdgePatcher
 
-        check_same_pair(pair, self.pair_hashes)
+        check_hashes(pair, self.pair_hashes)
         return EdgePatcher(pair, self.task, batch_budget=self.budget)
 
     def run(self, state: Any, shard: Shard) -> Tensor:
@@ -198,7 +200,7 @@ class GraftWork:
         from mechdelta.patching._engine import PatchEngine
         from mechdelta.patching.graft import _Weights
 
-        check_same_pair(pair, self.pair_hashes)
+        check_hashes(pair, self.pair_hashes)
         engine = PatchEngine(
             pair, self.task, batch_budget=self.budget, prefix_reuse=self.prefix_reuse,
             progress=False,
@@ -228,15 +230,12 @@ def execute_sites(
 
     shards = plan(jobs)
     work = SitesWork(
-        task=engine.prepared.task,
         direction=direction,
         variants=tuple(tuple(v) for v in variants),
         jobs=tuple(shards),
-        budget=engine.budget,
         prefix_reuse=engine.prefix_reuse,
-        pair_hashes=pair_identity(engine.pair),
-        task_hash=engine.prepared.prompt_hash(),
         desc=desc,
+        **engine_fields(engine),
     )
     values = engine.executor.map(work, engine.pair, local_state=engine, progress=engine.progress)
     return merge(shards, values, out, range(len(variants)))
@@ -258,16 +257,13 @@ def execute_edges(
     engine = patcher.engine
     shards = plan(jobs)
     work = EdgesWork(
-        task=engine.prepared.task,
         direction=direction,
         semantics=semantics,
         members=tuple(tuple(sorted(e, key=str)) for e in redirected),
         unembed=tuple(unembed),
         jobs=tuple(shards),
-        budget=engine.budget,
-        pair_hashes=pair_identity(patcher.pair),
-        task_hash=engine.prepared.prompt_hash(),
         desc=f"edges {semantics} {direction.value}",
+        **engine_fields(engine),
     )
     parts = patcher.executor.map(work, patcher.pair, local_state=patcher, progress=engine.progress)
     return merge(shards, parts, out, range(len(redirected)))

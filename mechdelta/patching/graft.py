@@ -247,20 +247,17 @@ def graft_values(
     ]  # fmt: skip
     # (a variant whose every grafted parameter equals the target's is the clean run, exactly)
     if engine.executor is not None:
-        from mechdelta.patching._work import GraftWork, pair_identity, plan
+        from mechdelta.patching._work import GraftWork, engine_fields, plan
         from mechdelta.scale.executor import merge
 
         shards = plan([(rows, (v,)) for v in live for rows in chunks])
         work = GraftWork(
-            task=engine.prepared.task,
             direction=direction,
             variants=tuple(tuple(p) for p in variants),
             jobs=tuple(shards),
-            budget=engine.budget,
             prefix_reuse=engine.prefix_reuse,
-            pair_hashes=pair_identity(engine.pair),
-            task_hash=engine.prepared.prompt_hash(),
             desc=desc,
+            **engine_fields(engine),
         )
         values = engine.executor.map(work, engine.pair, local_state=(engine, weights),
                                      progress=engine.progress)  # fmt: skip
