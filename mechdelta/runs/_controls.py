@@ -86,6 +86,7 @@ def _split_half(ctx: RunContext, spec: AnalysisSpec, result: Any) -> tuple[Any, 
         fn = attribute
         # estimates only: the halves rank sites, exact patches are the full task's business
         kw = {**spec.attribution_kwargs(), "verify": None, "graddrop": False}
+    kw["executor"] = ctx.executor  # the halves' passes run (and resume) where the run's do
     rel = split_half(ctx.pair, ctx.task, fn, k=k, seed=seed, progress=ctx.progress, **kw, **boot)
     info = {
         "seed": seed,
