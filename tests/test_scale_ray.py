@@ -155,6 +155,12 @@ def test_public_calls_equal_in_process(executor: Any, pair: Any, task: Any) -> N
 
     for x, y in zip(sweep(None), sweep(executor), strict=True):
         assert torch.equal(x.per_prompt, y.per_prompt)
+        # provenance says where it ran, and the workers' peak memory per shard (CPU: sampled)
+        assert x.provenance["engine"]["executor"] == {"kind": "local"}
+        assert x.provenance["engine"]["worker_peak_memory"] is None
+        assert y.provenance["engine"]["executor"]["kind"] == "ray"
+        worker = y.provenance["engine"]["worker_peak_memory"]
+        assert worker["method"] == "rss_sampled" and worker["bytes"] >= 0
 
     def attribute(ex: Any) -> Any:
         return md.attribute(pair, task, "head_out", R2I, "atp", batch_budget=2, n_boot=100,

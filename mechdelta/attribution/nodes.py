@@ -209,7 +209,7 @@ def _estimate(
             out[:, rows] = estimate_rows(engine, direction, comp, sites, method, steps, rows, drop)
         return out
     from mechdelta.attribution._work import AttributionWork
-    from mechdelta.patching._work import engine_fields, plan
+    from mechdelta.patching._work import engine_fields, plan, run_work
 
     shards = plan([(rows, ()) for rows in chunks])
     work = AttributionWork(
@@ -223,7 +223,7 @@ def _estimate(
         desc=f"{method.value} {comp.value} {direction.value}",
         **engine_fields(engine),
     )
-    values = engine.executor.map(work, engine.pair, local_state=engine, progress=engine.progress)
+    values = run_work(engine, work, engine)
     for shard, v in zip(shards, values, strict=True):
         out[:, shard.row_slice] = v.double()
     return out

@@ -118,6 +118,8 @@ class PatchEngine:
         #: where :meth:`run`'s stacked forwards run (None: this process, the plain loop; see
         #: :mod:`mechdelta.scale.executor`).
         self.executor = coerce_executor(executor)
+        #: the largest peak memory of one shard on an executor's worker (None: none ran there)
+        self.worker_peak: dict[str, Any] | None = None
         self._initial_sites = tuple(sites)
         if self._initial_sites:  # else the first metric_of / run does it, with its own sites
             self.clean_run(self._initial_sites)
@@ -228,6 +230,8 @@ class PatchEngine:
                 "batch_budget": self.budget,
                 "batch_budget_auto": self.budget_auto,
                 "peak_memory": dict(self.peak_memory),
+                "worker_peak_memory": self.worker_peak,
+                "executor": {"kind": "local"} if self.executor is None else self.executor.info(),
                 "prefix_reuse": self.prefix_reuse,
                 "position_reuse": {
                     k: v.kv is not None for k, v in self.states.items() if v.kv_checked

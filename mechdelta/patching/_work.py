@@ -31,6 +31,7 @@ __all__ = [
     "execute_edges",
     "execute_sites",
     "plan",
+    "run_work",
 ]
 
 
@@ -53,6 +54,22 @@ def engine_fields(engine: Any) -> dict[str, Any]:
         "pair_hashes": pair_identity(engine.pair),
         "task_hash": engine.prepared.prompt_hash(),
     }
+
+
+def run_work(engine: Any, work: Any, local_state: Any, executor: Any = None) -> list[Tensor]:
+    """``work``'s shard values from ``executor`` (default: the engine's); the largest peak memory
+    of a shard on a worker is kept in ``engine.worker_peak`` (provenance:
+    ``engine.worker_peak_memory``)."""
+    runner = engine.executor if executor is None else executor
+    values: list[Tensor] = runner.map(
+        work, engine.pair, local_state=local_state, progress=engine.progress
+    )
+    peak = runner.last_worker_peak
+    if peak is not None and (
+        engine.worker_peak is None or int(peak["bytes"]) > int(engine.worker_peak["bytes"])
+    ):
+        engine.worker_peak = dict(peak)
+    return values
 
 
 def pair_identity(pair: Any) -> tuple[str, str]:
@@ -237,8 +254,7 @@ def execute_sites(
         desc=desc,
         **engine_fields(engine),
     )
-    values = engine.executor.map(work, engine.pair, local_state=engine, progress=engine.progress)
-    return merge(shards, values, out, range(len(variants)))
+    return merge(shards, run_work(engine, work, engine), out, range(len(variants)))
 
 
 def execute_edges(
@@ -265,5 +281,5 @@ def execute_edges(
         desc=f"edges {semantics} {direction.value}",
         **engine_fields(engine),
     )
-    parts = patcher.executor.map(work, patcher.pair, local_state=patcher, progress=engine.progress)
-    return merge(shards, parts, out, range(len(redirected)))
+    values = run_work(engine, work, patcher, patcher.executor)
+    return merge(shards, values, out, range(len(redirected)))

@@ -247,7 +247,7 @@ def graft_values(
     ]  # fmt: skip
     # (a variant whose every grafted parameter equals the target's is the clean run, exactly)
     if engine.executor is not None:
-        from mechdelta.patching._work import GraftWork, engine_fields, plan
+        from mechdelta.patching._work import GraftWork, engine_fields, plan, run_work
         from mechdelta.scale.executor import merge
 
         shards = plan([(rows, (v,)) for v in live for rows in chunks])
@@ -259,8 +259,7 @@ def graft_values(
             desc=desc,
             **engine_fields(engine),
         )
-        values = engine.executor.map(work, engine.pair, local_state=(engine, weights),
-                                     progress=engine.progress)  # fmt: skip
+        values = run_work(engine, work, (engine, weights))
         return merge(shards, values, out, range(len(variants)))
     for v in progress(live, desc=desc, enabled=engine.progress):
         plan_v = weights.plan(variants[v])

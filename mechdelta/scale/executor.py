@@ -101,6 +101,9 @@ class Executor(ABC):
 
     #: where finished shards are written (None: nothing is written, nothing resumed).
     shard_dir: Path | None = None
+    #: the largest peak memory of one shard on a worker in the last :meth:`map` call
+    #: (``{"device", "bytes", "method"}``; None: nothing ran on workers, e.g. in-process).
+    last_worker_peak: dict[str, Any] | None = None
 
     @abstractmethod
     def map(

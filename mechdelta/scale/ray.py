@@ -73,13 +73,19 @@ class _Worker:
             raise self.error
         return os.getpid()
 
-    def run(self, work: Work, shard: Shard) -> tuple[int, Tensor]:
+    def run(self, work: Work, shard: Shard) -> tuple[int, Tensor, dict[str, Any]]:
+        """The shard's values, and the peak memory of running it on this actor's device (the
+        first shard of a work includes building the state: the clean runs)."""
+        from mechdelta.scale._memory import PeakMemory
+
         if self.error is not None:
             raise self.error
-        state = self.states.get(work.state_key)
-        if state is None:
-            state = self.states[work.state_key] = work.setup(self.pair)
-        return shard.index, work.run(state, shard).detach().cpu()
+        with PeakMemory([self.pair.device]) as peak:
+            state = self.states.get(work.state_key)
+            if state is None:
+                state = self.states[work.state_key] = work.setup(self.pair)
+            values = work.run(state, shard).detach().cpu()
+        return shard.index, values, peak.as_dict()
 
 
 class RayExecutor(Executor):
@@ -247,6 +253,7 @@ class RayExecutor(Executor):
         store = self.store(work)
         done: dict[int, Tensor] = {} if store is None else store.finished(shards)
         todo = [s for s in shards if s.index not in done]
+        self.last_worker_peak = None
         if todo:
             stream = self._stream(work, pair, todo, done, store)
             for _ in progress_bar(stream, total=len(todo), desc=work.desc, enabled=progress):
@@ -310,7 +317,10 @@ class RayExecutor(Executor):
                 self._booting.pop(actor, None)
                 continue
             load[actor] -= 1
-            index, values = got
+            index, values, peak = got
+            last = self.last_worker_peak
+            if last is None or int(peak["bytes"]) > int(last["bytes"]):
+                self.last_worker_peak = peak
             if index in done:  # a shard recorded already (re-run after a death): once only
                 continue
             done[index] = values
