@@ -182,19 +182,8 @@ class ModelRunner:
             return x if n_out is None else (x, *([None] * (n_out - 1)))
 
         blocks = [self.model.blocks[i] for i in range(start_layer)]
-        # A block may already carry an instance-level forward (e.g. accelerate's hooks): restore
-        # whatever was there, not just delete ours.
-        before = [block.__dict__.get("forward", _MISSING) for block in blocks]
-        for block in blocks:
-            block.__dict__["forward"] = identity  # the bridge's __setattr__ swallows plain sets
-        try:
+        with _instance_forwards(blocks, [identity] * len(blocks)):
             yield
-        finally:
-            for block, old in zip(blocks, before, strict=True):
-                if old is _MISSING:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.__dict__["forward"] = old
 
     def key_values(self, tokens: Int[Tensor, "batch pos"]) -> KeyValues | None:
         """Per-layer (keys, values) ``[batch, kv_head, pos, d_head]`` of a clean run: for a
@@ -238,17 +227,31 @@ class ModelRunner:
         if self._native is None:
             raise PatchingError("this model has no TL-native attention to give a KV cache")
         modules = self._native
-        before = [m.__dict__.get("forward", _MISSING) for m in modules]
-        for layer, module in enumerate(modules):
-            module.__dict__["forward"] = _native_forward(module, layer, past, record)
-        try:
+        forwards = [_native_forward(m, layer, past, record) for layer, m in enumerate(modules)]
+        with _instance_forwards(modules, forwards):
             yield
-        finally:
-            for module, old in zip(modules, before, strict=True):
-                if old is _MISSING:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.__dict__["forward"] = old
+
+
+@contextmanager
+def _instance_forwards(
+    modules: Sequence[Any], forwards: Sequence[Callable[..., Any]]
+) -> Iterator[None]:
+    """Give each module an instance-level ``forward`` for the duration of the block.
+
+    Set in ``__dict__``: the bridge's ``__setattr__`` swallows plain sets. A module may already
+    carry an instance-level forward (e.g. accelerate's hooks): whatever was there is restored,
+    not just ours deleted."""
+    before = [m.__dict__.get("forward", _MISSING) for m in modules]
+    for module, forward in zip(modules, forwards, strict=True):
+        module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        for module, old in zip(modules, before, strict=True):
+            if old is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = old
 
 
 class NativeKeyValues(list[tuple[Tensor, Tensor]]):

@@ -241,10 +241,8 @@ def graft_values(
     batch = engine.prepared.batch_size
     chunk = min(batch, engine.budget)
     chunks = [slice(b0, min(b0 + chunk, batch)) for b0 in range(0, batch, chunk)]
-    live = [
-        v for v in range(len(variants))
-        if not skip_identical or weights.delta(weights.plan(variants[v])) != 0
-    ]  # fmt: skip
+    plans = [weights.plan(parts) for parts in variants]
+    live = [v for v, p in enumerate(plans) if not skip_identical or weights.delta(p) != 0]
     # (a variant whose every grafted parameter equals the target's is the clean run, exactly)
     if engine.executor is not None:
         from mechdelta.patching._work import GraftWork, engine_fields, plan, run_work
@@ -262,11 +260,10 @@ def graft_values(
         values = run_work(engine, work, (engine, weights))
         return merge(shards, values, out, range(len(variants)))
     for v in progress(live, desc=desc, enabled=engine.progress):
-        plan_v = weights.plan(variants[v])
-        start = weights.start(plan_v) if engine.prefix_reuse else None
+        start = weights.start(plans[v]) if engine.prefix_reuse else None
         if start is not None:
             engine.check_prefix_reuse(tgt)  # before the swap: the clean model must match
-        with weights.swapped(direction, plan_v):
+        with weights.swapped(direction, plans[v]):
             for rows in chunks:
                 out[v, rows] = _graft_rows(engine, direction, start, rows)
     return out
