@@ -174,10 +174,9 @@ class CheckpointSeries:
 
         from mechdelta.core._loading import (
             Processing,
-            load_bridge,
+            load_bridges,
             resolve_device,
             resolve_dtype,
-            resolve_source,
         )
         from mechdelta.core._revisions import check_revision, label
         from mechdelta.core.provenance import weights_hash
@@ -192,20 +191,13 @@ class CheckpointSeries:
             raise ConfigError(f"revisions must be distinct, got {list(revs)}")
         labs = tuple(revs) if labels is None else _labels(labels, len(revs))
         proc, dt, dev = Processing.coerce(processing), resolve_dtype(dtype), resolve_device(device)
-        for rev in revs:  # all checked before any (slow) load
-            resolve_source(name, need_tokenizer=tokenizer is None, revision=rev)
-        models = [
-            load_bridge(
-                name,
-                device=dev,
-                dtype=dt,
-                processing=proc,
-                tokenizer=tokenizer,
-                revision=rev,
-                trust_remote_code=trust_remote_code,
-            )
-            for rev in revs
-        ]
+        models = load_bridges(  # all checked before any (slow) load
+            [(name, rev, dev) for rev in revs],
+            dtype=dt,
+            processing=proc,
+            tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
+        )
         by_hash: dict[str, list[int]] = {}
         for i, model in enumerate(models):
             by_hash.setdefault(weights_hash(model.state_dict()), []).append(i)
@@ -385,20 +377,12 @@ def _load(items: list[Any], device: Any, dtype: Any, processing: str, tokenizer:
     paths = [x for x in items if isinstance(x, (str, os.PathLike))]
     if not paths:
         return items
-    from mechdelta.core._loading import (
-        Processing,
-        load_bridge,
-        resolve_device,
-        resolve_dtype,
-        resolve_source,
-    )
+    from mechdelta.core._loading import Processing, load_bridges, resolve_device, resolve_dtype
 
     proc, dt, dev = Processing.coerce(processing), resolve_dtype(dtype), resolve_device(device)
-    for src in paths:  # all checked before any (slow) load
-        resolve_source(src, need_tokenizer=tokenizer is None)
-    return [
-        load_bridge(x, device=dev, dtype=dt, processing=proc, tokenizer=tokenizer)
-        if isinstance(x, (str, os.PathLike))
-        else x
-        for x in items
-    ]
+    loaded = iter(  # all checked before any (slow) load
+        load_bridges(
+            [(p, None, dev) for p in paths], dtype=dt, processing=proc, tokenizer=tokenizer
+        )
+    )
+    return [next(loaded) if isinstance(x, (str, os.PathLike)) else x for x in items]

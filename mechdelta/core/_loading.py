@@ -440,6 +440,18 @@ def _load_failure(source: Source, exc: BaseException) -> str:
 # --- loading ---------------------------------------------------------------------------------------
 
 
+def load_bridges(
+    checkpoints: Sequence[tuple[str | os.PathLike[str], str | None, str | torch.device | None]],
+    **options: Any,
+) -> list[Any]:
+    """:func:`load_bridge` of each ``(source, revision, device)`` with the same ``options``, every
+    source checked (local directory, hub cache, revision) before the first (slow) load."""
+    need_tokenizer = options.get("tokenizer") is None
+    for source, revision, _ in checkpoints:
+        resolve_source(source, need_tokenizer=need_tokenizer, revision=revision)
+    return [load_bridge(s, device=d, revision=r, **options) for s, r, d in checkpoints]
+
+
 def load_bridge(
     source: str | os.PathLike[str],
     *,

@@ -29,12 +29,11 @@ from mechdelta.core._loading import (
     Processing,
     bridge_from_hf,
     bridge_processing,
-    load_bridge,
+    load_bridges,
     load_tokenizer,
     resolve_device,
     resolve_devices,
     resolve_dtype,
-    resolve_source,
 )
 from mechdelta.core._revisions import check_revision, label, resolved_commit
 from mechdelta.core.provenance import environment, weights_hash
@@ -186,19 +185,12 @@ class ModelPair:
         devs = resolve_devices(device)
         revs = (check_revision(reference_revision), check_revision(intervened_revision))
         sources = (reference, intervened)
-        for source, rev in zip(sources, revs, strict=True):  # both checked before either load
-            resolve_source(source, need_tokenizer=tokenizer is None, revision=rev)
-        ref, itv = (
-            load_bridge(
-                source,
-                device=dev,
-                dtype=dt,
-                processing=proc,
-                tokenizer=tokenizer,
-                revision=rev,
-                trust_remote_code=trust_remote_code,
-            )
-            for source, rev, dev in zip(sources, revs, devs, strict=True)
+        ref, itv = load_bridges(  # both checked before either load
+            list(zip(sources, revs, devs, strict=True)),
+            dtype=dt,
+            processing=proc,
+            tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
         )
         names = (label(os.fspath(reference), revs[0]), label(os.fspath(intervened), revs[1]))
         try:
