@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 
 ANALYSES: list[dict[str, Any]] = [
     {"kind": "shift"},
@@ -21,6 +22,17 @@ ANALYSES: list[dict[str, Any]] = [
     {"kind": "factorial"},
 ]
 IDS = ("shift", "sweep-head_out-both", "patch-L1H1+L0H2-both", "weight_diff", "factorial")
+
+
+def fingerprint(run_dir: Path, ids: tuple[str, ...]) -> dict[str, object]:
+    """Every tensor, parquet table and figure JSON of the given analyses of a run."""
+    out: dict[str, object] = {}
+    for i in ids:
+        for p in sorted((run_dir / "results" / i).rglob("*.safetensors")):
+            out[str(p.relative_to(run_dir))] = load_file(p)
+        out[f"{i}.parquet"] = pd.read_parquet(run_dir / "results" / i / "table.parquet")
+        out[f"{i}.figure"] = (run_dir / "figures" / f"{i}.json").read_text()
+    return out
 
 
 def tiny_config(analyses: list[dict[str, Any]] | None = None, **output: Any) -> dict[str, Any]:

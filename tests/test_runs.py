@@ -8,10 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mechdelta.errors import ConfigError, RunCorruptError, RunError, RunIncompleteError
 from mechdelta.patching.shift import ShiftNotSignificantWarning
@@ -29,6 +27,7 @@ from tests._tiny_run import (
     assert_same_files,
     base_run_dir,
     copy_run,
+    fingerprint,
     tiny_config,
 )
 
@@ -46,14 +45,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 
 
 def _fingerprint(run_dir: Path, ids: tuple[str, ...] = IDS) -> dict[str, object]:
-    """Every tensor, parquet table and figure JSON of the given analyses of a run."""
-    out: dict[str, object] = {}
-    for i in ids:
-        for p in sorted((run_dir / "results" / i).rglob("*.safetensors")):
-            out[str(p.relative_to(run_dir))] = load_file(p)
-        out[f"{i}.parquet"] = pd.read_parquet(run_dir / "results" / i / "table.parquet")
-        out[f"{i}.figure"] = (run_dir / "figures" / f"{i}.json").read_text()
-    return out
+    return fingerprint(run_dir, ids)
 
 
 def test_run_layout_and_manifest(base_run):

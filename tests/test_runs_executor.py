@@ -10,9 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pandas as pd
 import pytest
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mechdelta.cli import app
@@ -23,7 +21,7 @@ from mechdelta.runs.experiment import Experiment
 from mechdelta.runs.run import run_experiment
 from mechdelta.scale import _shards
 from mechdelta.scale.executor import LocalExecutor
-from tests._tiny_run import assert_same_files, tiny_config
+from tests._tiny_run import assert_same_files, fingerprint, tiny_config
 
 # six prompts (no split halves), one row per forward: each shard is one site (or the patch's
 # joint variant) x one prompt. The sweep of the 8 heads runs L1H1 only (the other heads' outputs
@@ -64,14 +62,7 @@ def _config(**executor: Any) -> dict[str, Any]:
 
 
 def _fingerprint(run_dir: Path, ids: tuple[str, ...] = IDS) -> dict[str, object]:
-    """Every tensor, parquet table and figure JSON of the run's analyses."""
-    out: dict[str, object] = {}
-    for i in ids:
-        for p in sorted((run_dir / "results" / i).rglob("*.safetensors")):
-            out[str(p.relative_to(run_dir))] = load_file(p)
-        out[f"{i}.parquet"] = pd.read_parquet(run_dir / "results" / i / "table.parquet")
-        out[f"{i}.figure"] = (run_dir / "figures" / f"{i}.json").read_text()
-    return out
+    return fingerprint(run_dir, ids)
 
 
 @pytest.fixture(scope="module")
